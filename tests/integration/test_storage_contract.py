@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+
 from emrdr.config import RepoSettings
 from emrdr.repo import (
     ChunkStore,
@@ -33,7 +34,6 @@ from emrdr.repo import (
     open_storage,
 )
 from emrdr.repo.storage_s3 import S3Storage
-
 from tests.fixtures.s3 import S3_TEST_CREDENTIALS
 
 BAD_KEYS = [
@@ -375,6 +375,13 @@ class TestOpenStorage:
         storage = open_storage(RepoSettings(path=tmp_path / "r"))
         assert isinstance(storage, LocalStorage)
         assert storage.root == tmp_path / "r"
+
+    def test_local_from_settings_defaults_to_home(self, tmp_path: Path) -> None:
+        from emrdr.config import Settings
+
+        storage = open_storage(Settings(home=tmp_path))
+        assert isinstance(storage, LocalStorage)
+        assert storage.root == tmp_path / "repo"
 
     def test_s3(self, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_TEST_CREDENTIALS["access_key_id"])

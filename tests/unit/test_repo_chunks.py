@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+
 from emrdr.repo.chunks import (
     DEFAULT_CHUNK_SIZE,
     PAGE_SIZE,

@@ -7,6 +7,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from emrdr.repo.crypto import (
     NONCE_SIZE,
     SALT_SIZE,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from emrdr.repo.crypto import aad_for, open_sealed, seal
 from emrdr.repo.errors import (
     IntegrityError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from emrdr.repo.errors import InvalidKey
 from emrdr.repo.storage import validate_key, validate_prefix
 

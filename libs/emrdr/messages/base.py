@@ -39,7 +39,7 @@ class Message(BaseModel):
     subject: ClassVar[str] = ""
     current_version: ClassVar[int] = 1
 
-    type: str = Field(description="Message type name; equals the class name.")
+    type: str = Field(default="", description="Message type name; equals the class name.")
     schema_version: int = Field(default=1, ge=1, description="Version of this message's schema.")
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Unique id of this message.")
     occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC).")

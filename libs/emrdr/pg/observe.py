@@ -127,6 +127,8 @@ async def fetch_facts(
         return NodeFacts(node=node, reachable=False, error=f"no answer within {timeout}s")
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         return NodeFacts(node=node, reachable=False, error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a probe must report, never crash the poller
+        return NodeFacts(node=node, reachable=False, error=f"{type(exc).__name__}: {exc}")
     finally:
         if conn is not None:
             try:

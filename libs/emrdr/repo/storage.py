@@ -20,7 +20,7 @@ import re
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from emrdr.repo.errors import InvalidKey
 
@@ -160,7 +160,7 @@ def open_storage(settings: RepoSettings | Settings) -> Storage:
     """
     from emrdr.paths import default_home  # not emrdr.config: keep pydantic off this path
 
-    repo: RepoSettings = getattr(settings, "repo", settings)
+    repo = cast("RepoSettings", getattr(settings, "repo", settings))
     local_path = getattr(settings, "repo_path", None) or repo.path or (default_home() / "repo")
     if repo.kind == "local":
         from emrdr.repo.storage_local import LocalStorage
