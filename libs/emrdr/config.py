@@ -142,6 +142,9 @@ class ServiceSettings(BaseModel):
     heartbeat_seconds: float = 5.0
     heartbeat_ttl_seconds: float = 20.0
     max_deliver: int = 5
+    retry_backoff_s: float = Field(
+        default=2.0, description="First NAK delay after a handler error; doubles, capped at 30 s."
+    )
     ack_wait_seconds: float = 600.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, description="0 picks a free port.")

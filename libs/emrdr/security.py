@@ -125,20 +125,23 @@ class TrustStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def records(self) -> dict[str, TrustRecord]:
-        out: dict[str, TrustRecord] = {}
+    def records(self) -> list[TrustRecord]:
+        """Every enrolment; one key may be enrolled under several roles."""
+        out: list[TrustRecord] = []
         if not self.directory.is_dir():
             return out
         for path in sorted(self.directory.glob("*.json")):
             data = json.loads(path.read_text())
             pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(data["public_key"]))
             expires = data.get("expires_at")
-            out[data["key_id"]] = TrustRecord(
-                key_id=data["key_id"],
-                actor=data["actor"],
-                role=data["role"],
-                public_key=pub,
-                expires_at=datetime.fromisoformat(expires) if expires else None,
+            out.append(
+                TrustRecord(
+                    key_id=data["key_id"],
+                    actor=data["actor"],
+                    role=data["role"],
+                    public_key=pub,
+                    expires_at=datetime.fromisoformat(expires) if expires else None,
+                )
             )
         return out
 
@@ -171,7 +174,7 @@ class TrustStore:
         if not cmd.signature or not issuer.key_id:
             return Verdict(False, f"{cmd.type} from {issuer.actor} is not signed")
         candidates = [
-            r for kid, r in self.records().items() if kid == issuer.key_id and r.role == issuer.role
+            r for r in self.records() if r.key_id == issuer.key_id and r.role == issuer.role
         ]
         if not candidates:
             return Verdict(

@@ -264,3 +264,24 @@ class TestKeyFile:
         ring.rotate(PassphraseSource("now a passphrase", FAST))
         reopened = KeyRing.open(storage, PassphraseSource("now a passphrase", FAST))
         assert reopened.active == ring.active
+
+
+class TestKeySourceFromSettings:
+    def test_key_file_wins_then_passphrase_variable(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from emrdr.config import RepoSettings
+        from emrdr.repo.keys import key_source_from_settings
+
+        KeyFileSource.generate(tmp_path / "k")
+        assert isinstance(
+            key_source_from_settings(RepoSettings(key_file=tmp_path / "k")), KeyFileSource
+        )
+        monkeypatch.delenv("EMRDR_TEST_PASS", raising=False)
+        settings = RepoSettings(passphrase_env="EMRDR_TEST_PASS")
+        with pytest.raises(KeyringError, match="EMRDR_TEST_PASS is not set"):
+            key_source_from_settings(settings)
+        monkeypatch.setenv("EMRDR_TEST_PASS", "secret")
+        source = key_source_from_settings(settings)
+        assert isinstance(source, PassphraseSource)
+        assert source.iterations == DEFAULT_PBKDF2_ITERATIONS

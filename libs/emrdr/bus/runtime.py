@@ -280,7 +280,9 @@ class Service:
                 await self.dead_letter(msg, f"{type(exc).__name__}: {exc} "
                                             f"(failed {deliveries} deliveries)")
             else:
-                await msg.nack(delay=min(2.0**deliveries, 30.0))
+                await msg.nack(
+                    delay=min(self.settings.service.retry_backoff_s * 2.0 ** (deliveries - 1), 30.0)
+                )
             return
         finally:
             keepalive.cancel()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -585,6 +586,8 @@ class PgInstance:
         slot = slot_name_for(name)
         self.ensure_slot(slot)
         replica._prepare_dirs()
+        if replica.data_dir.exists():  # leftovers of an interrupted clone (no PG_VERSION)
+            shutil.rmtree(replica.data_dir)
         make_dir(replica.data_dir, replica.user, 0o700)
         self._run(
             [

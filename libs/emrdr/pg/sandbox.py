@@ -8,7 +8,8 @@ Layout under ``base_dir``::
     pg-replica-1/ ...
 
 Starting a cluster whose data directories already exist resumes them (same names, same ports
-unless a port was taken meanwhile); missing nodes are cloned from whichever node is primary now.
+unless a port was taken meanwhile); missing nodes are cloned from whichever node is primary now,
+and existing nodes beyond ``n_replicas`` are kept (a cluster never shrinks by itself).
 Roles are always read from the live servers, so after a failover ``primary`` is the promoted one.
 
     with SandboxCluster(base, n_replicas=1) as cluster:

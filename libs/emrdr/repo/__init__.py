@@ -34,6 +34,7 @@ from emrdr.repo.keys import (
     KeyRing,
     KeySource,
     PassphraseSource,
+    key_source_from_settings,
 )
 from emrdr.repo.storage import Storage, open_storage, validate_key
 from emrdr.repo.storage_local import LocalStorage
@@ -70,6 +71,7 @@ __all__ = [
     "WrongKeyError",
     "aad_for",
     "chunk_key",
+    "key_source_from_settings",
     "open_sealed",
     "open_storage",
     "seal",

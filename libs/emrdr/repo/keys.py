@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -56,6 +56,9 @@ from emrdr.repo.errors import (
     WrongKeyError,
 )
 from emrdr.repo.storage import Storage
+
+if TYPE_CHECKING:
+    from emrdr.config import RepoSettings
 
 DEFAULT_PBKDF2_ITERATIONS = 600_000
 MIN_PBKDF2_ITERATIONS = 100_000
@@ -208,6 +211,13 @@ class KeyFileSource(KeySource):
     def kek(self, kdf: dict[str, Any]) -> Kek:
         _expect_kind(kdf, KDF_KEYFILE, self.description)
         return self._kek
+
+
+def key_source_from_settings(repo: RepoSettings) -> KeySource:
+    """The configured KEK source: ``repo.key_file`` if set, else the passphrase variable."""
+    if repo.key_file is not None:
+        return KeyFileSource(repo.key_file)
+    return PassphraseSource.from_env(repo.passphrase_env)
 
 
 # --- the key ring --------------------------------------------------------------------------
