@@ -1,0 +1,117 @@
+"""The manifest: the contract between backup, restore and verify; and the repository layout.
+
+Repository layout (every object immutable; retention deletes whole objects)::
+
+    keys/keyring.<gen>.json                key ring generations (emrdr.repo.keys)
+    chunks/<id[:2]>/<id>                   deduplicated, compressed, sealed chunks
+    backups/<backup_id>/manifest           sealed manifest: its presence makes a backup complete
+    backups/<backup_id>/manifest.copy      second copy (one bad copy is survivable)
+    backups/<backup_id>/started            sealed marker of a running (or failed) backup: the
+                                           chunk GC keeps every chunk newer than the oldest one
+    holds/<backup_id>                      legal hold: the backup is kept whatever retention says
+    wal/<timeline:08X>/<segment>           sealed WAL segments (also .partial)
+    wal/history/<tli>.history              sealed timeline history files
+    verifications/<backup_id>/<when>.json  restore-drill results (the verifier)
+
+Backup ids sort by time: ``20261126T020000Z-F`` (full) / ``-I`` (incremental).
+A manifest is JSON, zstd-compressed, sealed with associated data ("manifest", backup_id).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FORMAT = 1
+
+
+def backup_id_for(started: datetime, kind: Literal["full", "incremental"]) -> str:
+    return started.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + ("-F" if kind == "full" else "-I")
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"backups/{backup_id}/manifest"
+
+
+def manifest_copy_key(backup_id: str) -> str:
+    return f"backups/{backup_id}/manifest.copy"
+
+
+def started_key(backup_id: str) -> str:
+    return f"backups/{backup_id}/started"
+
+
+def hold_key(backup_id: str) -> str:
+    return f"holds/{backup_id}"
+
+
+def wal_key(segment: str) -> str:
+    """Object key of a WAL file: segments by timeline, history files apart."""
+    if segment.endswith(".history"):
+        return f"wal/history/{segment}"
+    return f"wal/{segment[:8]}/{segment}"
+
+
+def verification_key(backup_id: str, when: datetime) -> str:
+    return f"verifications/{backup_id}/{when.astimezone(UTC):%Y%m%dT%H%M%SZ}.json"
+
+
+class FileEntry(BaseModel):
+    """One file of the data directory as backed up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(description="Relative to the data directory, '/'-separated.")
+    size: int
+    mode: int = 0o600
+    mtime: float = Field(description="Modification time when read (seconds since the epoch).")
+    sha256: str = Field(description="SHA-256 of the whole file content as backed up.")
+    chunks: list[str] = Field(default_factory=list, description="Chunk ids, in file order.")
+    checksum_failures: list[int] = Field(
+        default_factory=list, description="Block numbers whose page checksum did not verify."
+    )
+    reused: bool = Field(
+        default=False, description="Unchanged since the parent backup; chunk list taken from it."
+    )
+
+
+class Manifest(BaseModel):
+    """Everything needed to restore one backup on its own (no chain is walked)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: int = MANIFEST_FORMAT
+    backup_id: str
+    kind: Literal["full", "incremental"]
+    parent_id: str | None = Field(
+        default=None, description="Backup an incremental compared against (informational)."
+    )
+    label: str
+    source_node: str | None = None
+    started_at: datetime
+    stopped_at: datetime
+    start_lsn: str
+    stop_lsn: str
+    start_wal: str = Field(description="First WAL segment needed.")
+    stop_wal: str = Field(description="Last WAL segment needed.")
+    timeline: int
+    system_identifier: str
+    pg_version: int
+    key_id: str = Field(description="Data key that sealed this manifest.")
+    chunk_size: int
+    zstd_level: int
+    files: list[FileEntry]
+    backup_label: str
+    tablespace_map: str | None = None
+    bytes_source: int = 0
+    bytes_stored: int = Field(default=0, description="New bytes written to the repository.")
+    bytes_reused: int = 0
+    degraded: bool = False
+    problems: list[str] = Field(default_factory=list)
+    retention_days: int | None = None
+    row_counts: dict[str, int] = Field(
+        default_factory=dict, description="EMR table row counts at backup end (verifier check)."
+    )
+    canary_written: bool = False
