@@ -65,7 +65,8 @@ POLICY: dict[str, frozenset[str]] = {
             "ObserveCluster",
         }
     ),
-    "compliance_officer": frozenset({"CheckIntegrity"}),
+    # Read-only: the compliance officer reads and proves the audit trail, issues no commands.
+    "compliance_officer": frozenset(),
 }
 
 MAX_COMMAND_AGE = timedelta(hours=24)

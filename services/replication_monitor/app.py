@@ -30,7 +30,9 @@ class Monitor:
         reg = service.registry
         self.g_lag_s = Gauge("emrdr_replication_lag_seconds", "Replay lag", ["node"], registry=reg)
         self.g_lag_b = Gauge("emrdr_replication_lag_bytes", "Lag in bytes", ["node"], registry=reg)
-        self.g_up = Gauge("emrdr_pg_node_up", "1 when the node answers", ["node"], registry=reg)
+        self.g_up = Gauge(
+            "emrdr_node_up", "1 when the node answers", ["node", "role"], registry=reg
+        )
         self.g_primary = Gauge("emrdr_pg_is_primary", "1 for the primary", ["node"], registry=reg)
         self.g_lsn = Gauge("emrdr_pg_lsn_bytes", "Current/replayed LSN", ["node"], registry=reg)
 
@@ -43,7 +45,7 @@ class Monitor:
 
     def export(self, observations: list[NodeObservation]) -> None:
         for o in observations:
-            self.g_up.labels(o.name).set(1 if o.reachable else 0)
+            self.g_up.labels(o.name, o.role).set(1 if o.reachable else 0)
             self.g_primary.labels(o.name).set(1 if o.role == "primary" else 0)
             lsn = o.current_lsn or o.replay_lsn
             if lsn:

@@ -13,7 +13,7 @@ import asyncio
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -215,14 +215,14 @@ async def test_non_admins_cannot_delete_update_purge_or_erase_audit(
     count_before = (await admin.js(5.0).stream_info(AUDIT_STREAM)).state.messages
     assert count_before >= 1
     shrunk = replace(before, max_age=60.0)
-    attempts: dict[tuple[str, str], Callable[[], Awaitable[Any]]] = {}
+    attempts: dict[tuple[str, str], Awaitable[Any]] = {}
     for s in non_admins(sessions):
         js = s.js()
-        attempts[(s.user, "STREAM.DELETE")] = lambda js=js: js.delete_stream(AUDIT_STREAM)
-        attempts[(s.user, "STREAM.UPDATE")] = lambda js=js: js.update_stream(shrunk)
-        attempts[(s.user, "STREAM.PURGE")] = lambda js=js: js.purge_stream(AUDIT_STREAM)
-        attempts[(s.user, "STREAM.MSG.DELETE")] = lambda js=js: js.delete_msg(AUDIT_STREAM, 1)
-    results = await asyncio.gather(*(outcome(call()) for call in attempts.values()))
+        attempts[(s.user, "STREAM.DELETE")] = js.delete_stream(AUDIT_STREAM)
+        attempts[(s.user, "STREAM.UPDATE")] = js.update_stream(shrunk)
+        attempts[(s.user, "STREAM.PURGE")] = js.purge_stream(AUDIT_STREAM)
+        attempts[(s.user, "STREAM.MSG.DELETE")] = js.delete_msg(AUDIT_STREAM, 1)
+    results = await asyncio.gather(*(outcome(call) for call in attempts.values()))
     allowed = [key for key, exc in zip(attempts, results, strict=True) if exc is None]
     assert not allowed, f"allowed on AUDIT (must be admin-only): {allowed}"
     for (user, op), exc in zip(attempts, results, strict=True):

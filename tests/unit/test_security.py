@@ -89,6 +89,6 @@ class TestVerify:
             load_identity(tmp_path, "ghost", "dba")
 
     def test_policy_roles(self) -> None:
-        assert POLICY["compliance_officer"] == frozenset({"CheckIntegrity"})
+        assert POLICY["compliance_officer"] == frozenset()
         assert "ActivateDrSite" in POLICY["emergency_responder"]
         assert "StartRestore" not in POLICY["backup_operator"]

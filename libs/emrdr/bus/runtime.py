@@ -137,7 +137,6 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[tuple[Callable[[], Awaitable[None]], str]] = []
         self._started = False
-        svc = name.replace("-", "_")
         self.m_up = Gauge("emrdr_service_up", "1 while the service runs", ["service"],
                           registry=self.registry)
         self.m_handled = Counter(
@@ -152,7 +151,7 @@ class Service:
             "emrdr_handler_seconds", "Handler duration", ["service", "type"],
             registry=self.registry,
         )
-        self._svc_label = svc
+        self._svc_label = name
 
     # --- registration -----------------------------------------------------------------
     def _consumer(
