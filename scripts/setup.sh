@@ -11,6 +11,11 @@ PGBIN=/usr/lib/postgresql/15/bin
 command -v /usr/bin/python3 >/dev/null 2>&1 || need_apt+=(python3)
 /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+if [ "${EMRDR_SETUP_TEST_TOOLS:-0}" = "1" ]; then
+  # promtool and amtool check monitoring/ in the tests.
+  command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+  command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing Debian packages: ${need_apt[*]} (run this script as root once)" >&2

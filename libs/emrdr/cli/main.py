@@ -29,6 +29,7 @@ VERB_MODULES: tuple[str, ...] = (
     "keys",
     "retention",
     "audit",
+    "bus",
     "demo",
 )
 

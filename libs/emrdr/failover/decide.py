@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from emrdr.failover.judge import HealthHistory, Judgement, judge_primary, observation_lsn
 from emrdr.failover.settings import MIB, FailoverSettings
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     NONE = "none"
     WAIT = "wait"
     FAILOVER = "failover"
@@ -208,7 +208,9 @@ def decide(s: Snapshot) -> Decision:
             Action.PAGE, "no primary recorded and none runs; not choosing one automatically"
         )
     if s.node(s.primary) is None:
-        return Decision(Action.PAGE, f"recorded primary {s.primary} is not among the observed nodes")
+        return Decision(
+            Action.PAGE, f"recorded primary {s.primary} is not among the observed nodes"
+        )
     if not s.judgement.failed:
         action = Action.WAIT if s.judgement.suspected else Action.NONE
         return Decision(action, s.judgement.reason)

@@ -19,6 +19,7 @@ work; fencing at PostgreSQL is what makes a stale coordinator harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -72,7 +72,9 @@ def _decode(value: bytes | None, revision: int) -> LeaseRecord:
             acquired_at=float(data.get("acquired_at") or 0.0),
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise LeaseError(f"lease value at revision {revision} is not a lease record: {exc}") from exc
+        raise LeaseError(
+            f"lease value at revision {revision} is not a lease record: {exc}"
+        ) from exc
 
 
 _BUS_ERRORS = (NatsError, asyncio.TimeoutError, OSError)
@@ -231,23 +233,22 @@ class Lease:
         try:
             while not stop.is_set():
                 try:
+                    who = self.holder
                     if self._revision is None:
                         if await self.acquire():
-                            await changed(True, f"{self.holder} acquired the lease, epoch {self._epoch}")
+                            await changed(True, f"{who} acquired the lease, epoch {self._epoch}")
                     elif not await self.renew():
-                        await changed(False, f"{self.holder} lost the lease (taken over or expired)")
+                        await changed(False, f"{who} lost the lease (taken over or expired)")
                     elif not held:
-                        await changed(True, f"{self.holder} holds the lease, epoch {self._epoch}")
+                        await changed(True, f"{who} holds the lease, epoch {self._epoch}")
                 except LeaseError as exc:
                     if not self.is_held():
                         await changed(False, f"{self.holder} cannot reach the bus: {exc}")
                 if not self.is_held() and held:
                     await changed(False, f"{self.holder}'s lease ran out by the local clock")
                 delay = self.renew_every if self._revision is not None else self.renew_every / 2
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
         finally:
             if self._revision is not None:
                 try:

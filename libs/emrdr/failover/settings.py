@@ -37,7 +37,9 @@ class FailoverSettings(BaseModel):
         description="Monitors that should report; quorum is a majority of this (or of those seen).",
     )
     alert_max_age_s: float = Field(
-        default=300.0, gt=0, description="A firing alert older than this no longer raises suspicion."
+        default=300.0,
+        gt=0,
+        description="A firing alert older than this no longer raises suspicion.",
     )
     max_lag_bytes: int = Field(
         default=16 * MIB, ge=0, description="A replica further behind may not be promoted."
@@ -47,6 +49,7 @@ class FailoverSettings(BaseModel):
     )
     fence_mode: FenceMode = "read_only"
     fence_hook: str | None = Field(
-        default=None, description="Operator fencing command (mode 'hook'); node info in EMRDR_FENCE_*."
+        default=None,
+        description="Operator fencing command (mode 'hook'); node facts in EMRDR_FENCE_*.",
     )
     lease_ttl_s: float = Field(default=10.0, gt=0, description="TTL of the coordinator lease.")
