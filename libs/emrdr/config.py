@@ -60,7 +60,9 @@ class PgNode(BaseModel):
     name: str
     host: str = "127.0.0.1"
     port: int = 5432
-    data_dir: Path | None = Field(default=None, description="Local data directory, if managed here.")
+    data_dir: Path | None = Field(
+        default=None, description="Local data directory, if managed here."
+    )
     role: Literal["primary", "replica", "unknown"] = "unknown"
 
 
@@ -78,7 +80,9 @@ class PgSettings(BaseModel):
 
 class RepoSettings(BaseModel):
     kind: Literal["local", "s3"] = "local"
-    path: Path | None = Field(default=None, description="Local repository; default $EMRDR_HOME/repo")
+    path: Path | None = Field(
+        default=None, description="Local repository; default $EMRDR_HOME/repo"
+    )
     s3_endpoint: str | None = None
     s3_bucket: str | None = None
     s3_prefix: str = ""

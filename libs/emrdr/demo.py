@@ -82,7 +82,9 @@ async def _tour(tour: Tour) -> None:
     from emrdr.pg.emr_seed import row_counts, seed
 
     settings = tour.settings
-    tour.step("2. Synthetic EMR database (patients, encounters, prescriptions, notes; no real people)")
+    tour.step(
+        "2. Synthetic EMR database (patients, encounters, prescriptions, notes; no real people)"
+    )
     nodes = settings.resolved_pg_nodes()
     status = await collect_status()
     primary = next((n for n in status["nodes"] if n["role"] == "primary" and n["reachable"]), None)
@@ -102,7 +104,9 @@ async def _tour(tour: Tour) -> None:
     finally:
         await admin.close()
     conn = await asyncpg.connect(
-        host=primary["host"], port=primary["port"], user=settings.pg.user,
+        host=primary["host"],
+        port=primary["port"],
+        user=settings.pg.user,
         database=settings.pg.database,
     )
     try:
@@ -130,11 +134,14 @@ async def _tour(tour: Tour) -> None:
     if len(nodes) and not all(n["reachable"] for n in status["nodes"]):
         tour.fail("a PostgreSQL node is unreachable")
 
-    tour.step("4. A signed command goes in; events come out (ObserveCluster -> replication-monitor)")
+    tour.step(
+        "4. A signed command goes in; events come out (ObserveCluster -> replication-monitor)"
+    )
     identity = cli_identity(settings)
     t = time.monotonic()
-    followed = await issue_and_follow(settings, identity, ObserveCluster(issuer=identity.issuer),
-                                      timeout=30)
+    followed = await issue_and_follow(
+        settings, identity, ObserveCluster(issuer=identity.issuer), timeout=30
+    )
     tour.measured["command -> outcome round trip"] = f"{(time.monotonic() - t) * 1000:.0f} ms"
     tour.correlations.append(str(followed.command.correlation_id))
     for event in followed.events:

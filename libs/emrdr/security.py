@@ -96,7 +96,9 @@ class Identity:
 
     @property
     def issuer(self) -> Issuer:
-        return Issuer(actor=self.actor, role=self.role, key_id=self.key_id)  # type: ignore[arg-type]
+        return Issuer.model_validate(
+            {"actor": self.actor, "role": self.role, "key_id": self.key_id}
+        )
 
     def sign(self, cmd: Command) -> Command:
         """Return ``cmd`` issued and signed by this identity."""

@@ -30,8 +30,12 @@ async def record_topology(event: ClusterObserved, ctx: HandlerContext) -> None:
         await kv.put(
             "primary",
             json.dumps(
-                {"node": p.name, "host": p.host, "port": p.port,
-                 "observed_at": datetime.now(UTC).isoformat()}
+                {
+                    "node": p.name,
+                    "host": p.host,
+                    "port": p.port,
+                    "observed_at": datetime.now(UTC).isoformat(),
+                }
             ).encode(),
         )
 

@@ -8,11 +8,16 @@ import logging
 from prometheus_client import Gauge
 
 from emrdr.bus.runtime import HandlerContext, Service, run_service
-from emrdr.pg.lsn import parse_lsn
 from emrdr.messages.base import Message
 from emrdr.messages.commands import ObserveCluster
-from emrdr.messages.events import ClusterObserved, NodeHealthChanged, NodeObservation, ReplicationLagChanged
+from emrdr.messages.events import (
+    ClusterObserved,
+    NodeHealthChanged,
+    NodeObservation,
+    ReplicationLagChanged,
+)
 from emrdr.monitor.thresholds import lag_transitions
+from emrdr.pg.lsn import parse_lsn
 from emrdr.pg.observe import observe_cluster
 
 NAME = "replication-monitor"
@@ -39,8 +44,11 @@ class Monitor:
     async def poll(self) -> list[NodeObservation]:
         s = self.service.settings
         return await observe_cluster(
-            s.resolved_pg_nodes(), user=s.pg.user, password=s.pg.password,
-            database="postgres", timeout=3.0,
+            s.resolved_pg_nodes(),
+            user=s.pg.user,
+            password=s.pg.password,
+            database="postgres",
+            timeout=3.0,
         )
 
     def export(self, observations: list[NodeObservation]) -> None:
@@ -62,8 +70,12 @@ class Monitor:
             obs = next(o for o in observations if o.name == tr.node)
             await self.service.publish(
                 ReplicationLagChanged(
-                    **env, node=tr.node, severity=tr.severity, previous=tr.previous,
-                    lag_seconds=obs.lag_seconds, lag_bytes=obs.lag_bytes,
+                    **env,
+                    node=tr.node,
+                    severity=tr.severity,
+                    previous=tr.previous,
+                    lag_seconds=obs.lag_seconds,
+                    lag_bytes=obs.lag_bytes,
                 )
             )
         for o in observations:
@@ -74,7 +86,10 @@ class Monitor:
                     continue
                 await self.service.publish(
                     NodeHealthChanged(
-                        **env, node=o.name, healthy=o.reachable, role=o.role,
+                        **env,
+                        node=o.name,
+                        healthy=o.reachable,
+                        role=o.role,
                         reason="answers again" if o.reachable else (o.error or "unreachable"),
                     )
                 )
@@ -86,7 +101,8 @@ class Monitor:
         primaries = [o.name for o in observations if o.reachable and o.role == "primary"]
         await ctx.publish(
             ClusterObserved(
-                **ctx.envelope(), nodes=observations,
+                **ctx.envelope(),
+                nodes=observations,
                 primary=primaries[0] if len(primaries) == 1 else None,
             )
         )

@@ -25,15 +25,20 @@ def build(service: Service) -> None:
         js = service.nc.jetstream()
         kv = await js.key_value(KV_SCHEDULER)
         scheduler = Scheduler(
-            js, kv, service.settings.scheduler, sign=identity.sign, issuer=identity.issuer,
+            js,
+            kv,
+            service.settings.scheduler,
+            sign=identity.sign,
+            issuer=identity.issuer,
             instance=service.source,
         )
         await scheduler.run(asyncio.Event())
 
     async def backup_after_import(event: BulkImportCompleted, ctx: HandlerContext) -> None:
         command = identity.sign(
-            StartBackup(issuer=identity.issuer, kind="full", schedule="bulk-import",
-                        **event.caused())
+            StartBackup(
+                issuer=identity.issuer, kind="full", schedule="bulk-import", **event.caused()
+            )
         )
         await service.publish(command, msg_id=f"bulk-import:{event.event_id}")
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
 from emrdr.audit.chain import GENESIS_HASH, AuditEntry, verify_chain
 from emrdr.audit.log import AuditWriter, export_jsonl, load_jsonl, read_entries
 from emrdr.bus.topology import AUDIT_STREAM, audit_stream
@@ -24,8 +27,6 @@ from emrdr.config import get_settings
 from emrdr.messages.base import Issuer
 from emrdr.messages.commands import StartRestore
 from emrdr.messages.events import BackupCompleted, CommandReceived
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 
 pytestmark = pytest.mark.nats
 

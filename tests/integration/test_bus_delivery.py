@@ -275,7 +275,9 @@ async def test_service_heartbeat_is_visible(client: Client, settings: Settings) 
         assert beat["metrics_url"].endswith("/metrics")
         import urllib.request
 
-        body = urllib.request.urlopen(beat["metrics_url"], timeout=5).read().decode()
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(beat["metrics_url"], timeout=5).read().decode()
+        )
         assert 'emrdr_service_up{service="verifier"} 1.0' in body
     finally:
         await svc.stop()

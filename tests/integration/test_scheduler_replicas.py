@@ -31,7 +31,7 @@ from emrdr.schedule import Scheduler, TickResult, dedup_id
 pytestmark = pytest.mark.nats
 
 
-def utc(  # noqa: PLR0917
+def utc(
     year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
 ) -> datetime:
     return datetime(year, month, day, hour, minute, second, tzinfo=UTC)

@@ -36,7 +36,10 @@ class Up:
         env["EMRDR_HOME"] = str(home)
         self.log = (home.parent / "up.log").open("ab")
         self.proc = subprocess.Popen(
-            [EMRDR, "up"], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [EMRDR, "up"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -98,7 +101,11 @@ class TestEmbeddedStack:
         addresses and data directories, the current primary, the repository location."""
         _, status = stack
         assert {k for k, v in status["services"].items() if v["alive"]} == {
-            "scheduler", "backup-worker", "verifier", "replication-monitor", "dr-coordinator",
+            "scheduler",
+            "backup-worker",
+            "verifier",
+            "replication-monitor",
+            "dr-coordinator",
             "audit-logger",
         }
         roles = sorted(n["role"] for n in status["nodes"])
@@ -138,7 +145,9 @@ class TestEmbeddedStack:
         psql = ["psql", "-h", "127.0.0.1", "-p", str(primary["port"]), "-U", "postgres", "-Atc"]
         segment = subprocess.run(
             [*psql, "SELECT pg_walfile_name(pg_current_wal_lsn())"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         subprocess.run([*psql, "SELECT pg_switch_wal()"], check=True, capture_output=True)
         spool = home / "spool" / "wal"
@@ -148,7 +157,9 @@ class TestEmbeddedStack:
         assert (spool / segment).exists(), f"{segment} not archived; spool has {os.listdir(spool)}"
         failed = subprocess.run(
             [*psql, "SELECT failed_count FROM pg_stat_archiver"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         assert failed == "0"
 
@@ -184,8 +195,19 @@ class TestEmbeddedStack:
 def _system_id(status: dict[str, Any]) -> str:
     primary = next(n for n in status["nodes"] if n["role"] == "primary")
     out = subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-p", str(primary["port"]), "-U", "postgres", "-Atc",
-         "SELECT system_identifier FROM pg_control_system()"],
-        capture_output=True, text=True, check=True,
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary["port"]),
+            "-U",
+            "postgres",
+            "-Atc",
+            "SELECT system_identifier FROM pg_control_system()",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.strip()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from emrdr.audit.chain import (
     GENESIS_HASH,
     AuditEntry,

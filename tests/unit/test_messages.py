@@ -28,8 +28,12 @@ class TestEnvelope:
     def test_caused_links_correlation_and_causation(self) -> None:
         cmd = StartBackup(issuer=ISSUER)
         rej = CommandRejected(
-            source="backup-worker", command_type="StartBackup", command_id=str(cmd.event_id),
-            actor="dba.jane", reason="x", **cmd.caused(),
+            source="backup-worker",
+            command_type="StartBackup",
+            command_id=str(cmd.event_id),
+            actor="dba.jane",
+            reason="x",
+            **cmd.caused(),
         )
         assert rej.correlation_id == cmd.correlation_id
         assert rej.causation_id == cmd.event_id
@@ -82,8 +86,14 @@ class TestDecode:
 
     def test_type_must_match_class(self) -> None:
         ev = BackupCompleted(
-            source="bw", backup_id="b1", kind="full", bytes_source=1, bytes_stored=1,
-            dedup_ratio=1.0, duration_s=1.0, throughput_mb_s=1.0,
+            source="bw",
+            backup_id="b1",
+            kind="full",
+            bytes_source=1,
+            bytes_stored=1,
+            dedup_ratio=1.0,
+            duration_s=1.0,
+            throughput_mb_s=1.0,
         )
         body = json.loads(ev.to_bytes())
         body["event_id"] = str(uuid.uuid4())

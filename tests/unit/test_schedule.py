@@ -20,7 +20,7 @@ from emrdr.schedule import (
 )
 
 
-def utc(  # noqa: PLR0917
+def utc(
     year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
 ) -> datetime:
     return datetime(year, month, day, hour, minute, second, tzinfo=UTC)

@@ -31,6 +31,11 @@ def test_every_message_has_a_schema_with_its_subject() -> None:
         schema = json.loads((SCHEMAS / f"{cls.__name__}.v{cls.current_version}.json").read_text())
         assert schema["x-subject"] == cls.subject
         assert schema["properties"]["type"]["const"] == cls.__name__
-        for field in ("event_id", "occurred_at", "schema_version", "correlation_id",
-                      "causation_id"):
+        for field in (
+            "event_id",
+            "occurred_at",
+            "schema_version",
+            "correlation_id",
+            "causation_id",
+        ):
             assert field in schema["properties"], (cls.__name__, field)

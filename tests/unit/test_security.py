@@ -76,8 +76,12 @@ class TestVerify:
         from emrdr.security import Identity
 
         elevated = Identity("resp", "admin", ident.private_key)
-        trust.enroll("resp", "admin", ident.private_key.public_key(),
-                     expires_at=datetime.now(UTC) + timedelta(minutes=30))
+        trust.enroll(
+            "resp",
+            "admin",
+            ident.private_key.public_key(),
+            expires_at=datetime.now(UTC) + timedelta(minutes=30),
+        )
         cmd = elevated.sign(ActivateDrSite(issuer=elevated.issuer))
         assert trust.verify(cmd).allowed
         later = datetime.now(UTC) + timedelta(hours=1)

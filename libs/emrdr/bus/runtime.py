@@ -28,10 +28,10 @@ from typing import Any
 
 import nats
 from faststream import AckPolicy
-from faststream.security import SASLPlaintext
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
+from faststream.security import SASLPlaintext
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
@@ -128,7 +128,7 @@ class Service:
                 NatsPrometheusMiddleware(registry=self.registry, app_name=f"emrdr_{name}"),
             ],
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=1,
         )
         self.trust = TrustStore(self.settings.keys_dir / "trust")
         self.outbox = Outbox(self.settings.outbox_dir / name)
@@ -137,25 +137,37 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[tuple[Callable[[], Awaitable[None]], str]] = []
         self._started = False
-        self.m_up = Gauge("emrdr_service_up", "1 while the service runs", ["service"],
-                          registry=self.registry)
+        self.m_up = Gauge(
+            "emrdr_service_up", "1 while the service runs", ["service"], registry=self.registry
+        )
         self.m_handled = Counter(
-            "emrdr_messages_handled_total", "Messages handled", ["service", "type", "result"],
+            "emrdr_messages_handled_total",
+            "Messages handled",
+            ["service", "type", "result"],
             registry=self.registry,
         )
         self.m_deadletters = Counter(
-            "emrdr_dead_letters_total", "Messages dead-lettered", ["service"],
+            "emrdr_dead_letters_total",
+            "Messages dead-lettered",
+            ["service"],
             registry=self.registry,
         )
         self.m_duration = Histogram(
-            "emrdr_handler_seconds", "Handler duration", ["service", "type"],
+            "emrdr_handler_seconds",
+            "Handler duration",
+            ["service", "type"],
             registry=self.registry,
         )
         self._svc_label = name
 
     # --- registration -----------------------------------------------------------------
     def _consumer(
-        self, stream: str, subject: str, durable: str, ack_wait: float, deliver_new: bool,
+        self,
+        stream: str,
+        subject: str,
+        durable: str,
+        ack_wait: float,
+        deliver_new: bool,
         max_ack_pending: int,
     ) -> Any:
         config = ConsumerConfig(
@@ -181,8 +193,12 @@ class Service:
             await self._dispatch(msg, handler, expect_command=True)
 
         self._consumer(
-            COMMANDS_STREAM, subject, durable, self.settings.service.ack_wait_seconds,
-            deliver_new=False, max_ack_pending=1,
+            COMMANDS_STREAM,
+            subject,
+            durable,
+            self.settings.service.ack_wait_seconds,
+            deliver_new=False,
+            max_ack_pending=1,
         )(_consume)
 
     def on_event(
@@ -200,7 +216,9 @@ class Service:
         async def _consume(msg: NatsMessage) -> None:
             await self._dispatch(msg, handler, expect_command=False, raw_malformed=raw_malformed)
 
-        self._consumer(EVENTS_STREAM, subject, durable, 60.0, deliver_new, max_ack_pending)(_consume)
+        self._consumer(EVENTS_STREAM, subject, durable, 60.0, deliver_new, max_ack_pending)(
+            _consume
+        )
 
     # --- dispatch -----------------------------------------------------------------------
     async def _dispatch(
@@ -272,12 +290,14 @@ class Service:
             await msg.ack()
             return
         except Exception as exc:
-            log.exception("%s: handler for %s failed (delivery %d)", self.name, decoded.type,
-                          deliveries)
+            log.exception(
+                "%s: handler for %s failed (delivery %d)", self.name, decoded.type, deliveries
+            )
             self.m_handled.labels(self._svc_label, decoded.type, "error").inc()
             if deliveries >= self.settings.service.max_deliver:
-                await self.dead_letter(msg, f"{type(exc).__name__}: {exc} "
-                                            f"(failed {deliveries} deliveries)")
+                await self.dead_letter(
+                    msg, f"{type(exc).__name__}: {exc} (failed {deliveries} deliveries)"
+                )
             else:
                 await msg.nack(
                     delay=min(self.settings.service.retry_backoff_s * 2.0 ** (deliveries - 1), 30.0)

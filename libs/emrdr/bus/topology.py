@@ -109,6 +109,7 @@ async def bootstrap(js: JetStreamContext, replicas: int = 1) -> list[str]:
     retention downward). Returns a line per action taken."""
     actions: list[str] = []
     for cfg in stream_configs(replicas):
+        assert cfg.name is not None
         try:
             info = await js.stream_info(cfg.name)
         except NotFoundError:

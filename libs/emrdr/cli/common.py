@@ -64,7 +64,10 @@ def issue(args: argparse.Namespace, command_factory: Any, label: str = "") -> in
     try:
         followed = asyncio.run(
             issue_and_follow(
-                settings, identity, command, timeout=getattr(args, "timeout", 3600.0),
+                settings,
+                identity,
+                command,
+                timeout=getattr(args, "timeout", 3600.0),
                 on_event=on_event,
             )
         )
@@ -100,8 +103,17 @@ def issue(args: argparse.Namespace, command_factory: Any, label: str = "") -> in
     return EXIT_FAILED
 
 
-_SKIP = {"type", "schema_version", "event_id", "occurred_at", "correlation_id", "causation_id",
-         "source", "payload_b64", "command"}
+_SKIP = {
+    "type",
+    "schema_version",
+    "event_id",
+    "occurred_at",
+    "correlation_id",
+    "causation_id",
+    "source",
+    "payload_b64",
+    "command",
+}
 
 
 def _summary(event: Any) -> str:

@@ -53,7 +53,8 @@ def run_activate(args: argparse.Namespace) -> int:
     from emrdr.messages.commands import ActivateDrSite
 
     return issue(
-        args, lambda issuer: ActivateDrSite(issuer=issuer, target_dir=args.target_dir, port=args.port)
+        args,
+        lambda issuer: ActivateDrSite(issuer=issuer, target_dir=args.target_dir, port=args.port),
     )
 
 

@@ -19,7 +19,11 @@ def register(sub: Any) -> None:
     svc.add_argument(
         "name",
         choices=[
-            "scheduler", "backup-worker", "verifier", "replication-monitor", "dr-coordinator",
+            "scheduler",
+            "backup-worker",
+            "verifier",
+            "replication-monitor",
+            "dr-coordinator",
             "audit-logger",
         ],
     )

@@ -72,7 +72,10 @@ async def collect_status() -> dict[str, Any]:
         await nc.close()
     nodes = settings.resolved_pg_nodes()
     observations = await observe_cluster(
-        nodes, user=settings.pg.user, password=settings.pg.password, database="postgres",
+        nodes,
+        user=settings.pg.user,
+        password=settings.pg.password,
+        database="postgres",
         timeout=3.0,
     )
     by_name = {o.name: o for o in observations}
@@ -105,8 +108,9 @@ async def collect_status() -> dict[str, Any]:
         "nats_url": settings.resolved_nats_url(),
         "services": services,
         "nodes": node_rows,
-        "primary": topology.get("primary", {}).get("node") if topology.get("primary") else
-        (primaries[0] if len(primaries) == 1 else None),
+        "primary": topology.get("primary", {}).get("node")
+        if topology.get("primary")
+        else (primaries[0] if len(primaries) == 1 else None),
         "writable_primaries": primaries,
         "topology": topology,
         "coordinator_lease": lease,
@@ -135,13 +139,19 @@ def run_status(args: argparse.Namespace) -> int:
         print("postgresql:")
         for n in status["nodes"]:
             state = n["role"] if n["reachable"] else f"unreachable ({n['error']})"
-            lag = f" lag {n['lag_bytes']} B / {n['lag_seconds']} s" if n["role"] == "replica" else ""
-            print(f"  {n['name']:<14} {n['host']}:{n['port']:<6} {state:<8} tl {n['timeline']}"
-                  f"{lag}  {n['data_dir']}")
+            lag = (
+                f" lag {n['lag_bytes']} B / {n['lag_seconds']} s" if n["role"] == "replica" else ""
+            )
+            print(
+                f"  {n['name']:<14} {n['host']}:{n['port']:<6} {state:<8} tl {n['timeline']}"
+                f"{lag}  {n['data_dir']}"
+            )
         print(f"primary         : {status['primary']}")
         lease = status["coordinator_lease"]
         if lease:
             print(f"coordinator     : {lease.get('holder')} epoch {lease.get('epoch')}")
-        print(f"repository      : {status['repository']['kind']} {status['repository']['location']}")
+        print(
+            f"repository      : {status['repository']['kind']} {status['repository']['location']}"
+        )
     alive = all(s["alive"] for s in status["services"].values())
     return 0 if alive and status["primary"] else 1

@@ -26,11 +26,15 @@ CHUNK = 1 << 20
 def register(sub: Any) -> None:
     p = sub.add_parser("wal", help="WAL archiving (archive_command / restore_command)")
     ws = p.add_subparsers(dest="action", required=True)
-    push = ws.add_parser("push", help="archive one WAL file (archive_command = 'emrdr wal push %%p')")
+    push = ws.add_parser(
+        "push", help="archive one WAL file (archive_command = 'emrdr wal push %%p')"
+    )
     push.add_argument("path")
+    push.set_defaults(func=lambda a: fast_main(["push", a.path]))
     fetch = ws.add_parser("fetch", help="restore one WAL file (restore_command)")
     fetch.add_argument("name")
     fetch.add_argument("dest")
+    fetch.set_defaults(func=lambda a: fast_main(["fetch", a.name, a.dest]))
 
 
 def _digest(path: Path) -> str:

@@ -106,9 +106,7 @@ class Repository:
 
     def backup_ids(self) -> list[str]:
         """Ids of complete backups (those with a manifest), oldest first."""
-        ids = {
-            k.split("/")[1] for k in self.storage.list("backups/") if k.endswith("/manifest")
-        }
+        ids = {k.split("/")[1] for k in self.storage.list("backups/") if k.endswith("/manifest")}
         return sorted(ids)
 
     def incomplete_backup_ids(self) -> list[str]:
@@ -118,7 +116,9 @@ class Repository:
 
     def mark_started(self, backup_id: str, info: dict[str, object]) -> None:
         aad = aad_for("started", backup_id)
-        self.storage.put(started_key(backup_id), seal(self.keyring.active, json.dumps(info).encode(), aad))
+        self.storage.put(
+            started_key(backup_id), seal(self.keyring.active, json.dumps(info).encode(), aad)
+        )
 
     def is_held(self, backup_id: str) -> bool:
         return self.storage.exists(hold_key(backup_id))

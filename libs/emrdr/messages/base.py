@@ -19,7 +19,9 @@ class Issuer(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    actor: str = Field(description="Authenticated name of the person or system.", examples=["dba.jane"])
+    actor: str = Field(
+        description="Authenticated name of the person or system.", examples=["dba.jane"]
+    )
     role: Literal[
         "backup_operator", "dba", "compliance_officer", "emergency_responder", "admin", "system"
     ] = Field(description="Role the command is issued under.", examples=["dba"])
@@ -41,7 +43,9 @@ class Message(BaseModel):
 
     type: str = Field(default="", description="Message type name; equals the class name.")
     schema_version: int = Field(default=1, ge=1, description="Version of this message's schema.")
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Unique id of this message.")
+    event_id: uuid.UUID = Field(
+        default_factory=uuid.uuid4, description="Unique id of this message."
+    )
     occurred_at: datetime = Field(default_factory=utcnow, description="When it happened (UTC).")
     correlation_id: uuid.UUID = Field(
         default_factory=uuid.uuid4,
@@ -87,7 +91,9 @@ class Command(Message):
 class Event(Message):
     """A fact, named in the past tense."""
 
-    source: str = Field(description="Service (and instance) that published it.", examples=["backup-worker"])
+    source: str = Field(
+        description="Service (and instance) that published it.", examples=["backup-worker"]
+    )
     outcome: ClassVar[Outcome | None] = None
 
 

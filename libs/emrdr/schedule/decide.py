@@ -75,7 +75,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def decide(  # noqa: PLR0917 (the documented call is positional)
+def decide(
     schedule_name: str,
     entry: ScheduleEntry,
     last_fired: datetime | None,
