@@ -281,3 +281,41 @@ async def test_service_heartbeat_is_visible(client: Client, settings: Settings) 
         assert 'emrdr_service_up{service="verifier"} 1.0' in body
     finally:
         await svc.stop()
+
+
+async def test_trace_context_crosses_the_bus(
+    client: Client, settings: Settings, operator: Identity
+) -> None:
+    """OpenTelemetry: an event published by a handler continues the command's trace."""
+    events = EventLog()
+    headers_seen: list[dict[str, str]] = []
+
+    async def capture(msg: Any) -> None:
+        if msg.subject == KeysRotated.subject:
+            headers_seen.append(dict(msg.headers or {}))
+
+    await client.subscribe("emrdr.evt.>", cb=capture)
+    await events.attach(client)
+
+    async def rotate(cmd: RotateKeys, ctx: HandlerContext) -> None:
+        await ctx.publish(KeysRotated(**ctx.envelope(), new_key_id="k3", rewrapped=0))
+
+    svc = Service("backup-worker", settings)
+    svc.on_command("emrdr.cmd.keys.>", rotate)
+    await started(svc)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        cmd = operator.sign(RotateKeys(issuer=operator.issuer))
+        await client.jetstream().publish(
+            cmd.subject,
+            cmd.to_bytes(),
+            headers={
+                "Nats-Msg-Id": str(cmd.event_id),
+                "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
+            },
+        )
+        await events.wait_for("KeysRotated")
+    finally:
+        await svc.stop()
+    assert headers_seen, "no KeysRotated seen"
+    assert headers_seen[0]["traceparent"].split("-")[1] == trace_id
