@@ -70,6 +70,7 @@ POLICY: dict[str, frozenset[str]] = {
 }
 
 MAX_COMMAND_AGE = timedelta(hours=24)
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 
 def canonical_bytes(cmd: Command) -> bytes:
@@ -202,6 +203,10 @@ class TrustStore:
         if cmd.type not in POLICY.get(issuer.role, frozenset()):
             return Verdict(False, f"role {issuer.role} may not issue {cmd.type}")
         age = now - cmd.occurred_at
+        if age < -MAX_CLOCK_SKEW:
+            return Verdict(
+                False, f"{cmd.type} claims to be issued {-age} in the future; refusing it"
+            )
         if age > MAX_COMMAND_AGE:
             return Verdict(False, f"{cmd.type} was issued {age} ago; refusing a stale command")
         return Verdict(True, f"{issuer.actor} ({issuer.role}) may issue {cmd.type}")

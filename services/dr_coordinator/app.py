@@ -14,7 +14,8 @@ NAME = "dr-coordinator"
 
 
 async def not_built(command: Any, ctx: HandlerContext) -> None:
-    raise NotAvailableYet(f"{command.type}: automated failover lands with issue #5")
+    where = "issue #4" if command.type == "RecoverCorruption" else "issue #5"
+    raise NotAvailableYet(f"{command.type}: the DR runbooks land with {where}")
 
 
 async def record_topology(event: ClusterObserved, ctx: HandlerContext) -> None:

@@ -32,6 +32,7 @@ class Monitor:
         self.service = service
         self.severity: dict[str, str] = {}
         self.healthy: dict[str, bool] = {}
+        self.shape: tuple[tuple[str, str, bool], ...] = ()
         reg = service.registry
         self.g_lag_s = Gauge("emrdr_replication_lag_seconds", "Replay lag", ["node"], registry=reg)
         self.g_lag_b = Gauge("emrdr_replication_lag_bytes", "Lag in bytes", ["node"], registry=reg)
@@ -107,12 +108,29 @@ class Monitor:
             )
         )
 
+    async def publish_if_topology_changed(self, observations: list[NodeObservation]) -> None:
+        """A role or reachability change is published as ClusterObserved (the dr-coordinator
+        keeps the topology record from it)."""
+        shape = tuple(sorted((o.name, o.role, o.reachable) for o in observations))
+        if shape == self.shape:
+            return
+        self.shape = shape
+        primaries = [o.name for o in observations if o.reachable and o.role == "primary"]
+        await self.service.publish(
+            ClusterObserved(
+                source=self.service.source,
+                nodes=observations,
+                primary=primaries[0] if len(primaries) == 1 else None,
+            )
+        )
+
     async def loop(self) -> None:
         while True:
             try:
                 observations = await self.poll()
                 self.export(observations)
                 await self.changes(observations, None)
+                await self.publish_if_topology_changed(observations)
             except Exception:
                 log.exception("poll failed")
             await asyncio.sleep(POLL_SECONDS)

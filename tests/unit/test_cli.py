@@ -144,3 +144,28 @@ class TestWalFastPath:
             check=True,
         ).stdout.strip()
         assert out == "0 []"
+
+
+def test_new_identity_then_enroll_gives_a_trusted_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An administrator enrols an operator's key; commands it signs then verify."""
+    from emrdr.config import reload_settings
+    from emrdr.messages.commands import StartBackup
+    from emrdr.security import TrustStore, load_identity
+
+    monkeypatch.setenv("EMRDR_HOME", str(tmp_path))
+    reload_settings()
+    try:
+        pub = tmp_path / "jane.pem"
+        assert main(["keys", "new-identity", "jane", "--role", "dba", "--out", str(pub)]) == 0
+        trust = TrustStore(tmp_path / "keys" / "trust")
+        ident = load_identity(tmp_path / "keys", "jane", "dba")
+        cmd = ident.sign(StartBackup(issuer=ident.issuer))
+        assert not trust.verify(cmd).allowed
+        assert main(["keys", "enroll", "jane", "--role", "dba", "--public-key", str(pub)]) == 0
+        assert trust.verify(cmd).allowed
+        assert main(["keys", "enroll", "jane", "--role", "janitor", "--public-key", str(pub)]) == 2
+    finally:
+        monkeypatch.undo()
+        reload_settings()

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from emrdr.config import PgNode
 from emrdr.failover.judge import (
+    AlertmanagerAlert,
     AlertSignal,
     HealthHistory,
     alert_signals,
@@ -30,7 +31,10 @@ def up(name: str = P, lsn: str = "0/3000060") -> NodeObservation:
     )
 
 
-def down(name: str = P, error: str = "ConnectionRefusedError: connection refused") -> NodeObservation:
+REFUSED = "ConnectionRefusedError: connection refused"
+
+
+def down(name: str = P, error: str = REFUSED) -> NodeObservation:
     return NodeObservation(name=name, host="127.0.0.1", port=5432, reachable=False, error=error)
 
 
@@ -305,7 +309,7 @@ class TestAlertmanagerWebhook:
         hook = parse_alertmanager(SAMPLE)
         alert = hook.alerts[0]
 
-        def with_labels(**labels: str) -> object:
+        def with_labels(**labels: str) -> AlertmanagerAlert:
             return alert.model_copy(update={"labels": labels})
 
         assert node_for_alert(with_labels(instance="pg-replica-1"), NODES) == "pg-replica-1"

@@ -96,3 +96,10 @@ class TestVerify:
         assert POLICY["compliance_officer"] == frozenset()
         assert "ActivateDrSite" in POLICY["emergency_responder"]
         assert "StartRestore" not in POLICY["backup_operator"]
+
+
+def test_command_from_the_future_is_refused(tmp_path: Path) -> None:
+    trust = TrustStore(tmp_path / "trust")
+    ident = ensure_identity(tmp_path, "dba", "dba", trust)
+    future = StartBackup(issuer=ident.issuer, occurred_at=datetime.now(UTC) + timedelta(hours=2))
+    assert "in the future; refusing it" in trust.verify(ident.sign(future)).reason

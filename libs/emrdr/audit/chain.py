@@ -45,6 +45,9 @@ _NOT_DETAIL = frozenset(
         "issuer",
         "signature",
         "actor",
+        # The raw bytes of a dead-lettered message may hold patient data: never in the trail.
+        "payload_b64",
+        "command",
     }
 )
 _MAX_DETAIL_STR = 300

@@ -1,9 +1,10 @@
 """A durable local outbox: events of the data path wait here while NATS is unreachable.
 
-``wal push``, a running backup and a restore never depend on the bus.  They write their events
-here (one file per event, fsynced, atomically renamed) and whoever next has a connection
-(the process itself, or any service) publishes them with ``Nats-Msg-Id = event_id``, so a file
-published twice is stored once.
+A running backup, a restore and the WAL uploader never depend on the bus.  Their events are
+written here when a publish fails (one file per event, fsynced, atomically renamed) and the
+service's outbox loop publishes them once NATS answers again, with ``Nats-Msg-Id = event_id``,
+so a file published twice is stored once.  (``wal push`` itself publishes nothing: it only
+spools the segment; the backup-worker's uploader publishes ``WalArchived``.)
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:2] in (["wal", "push"], ["wal", "fetch"]):
+    if args_list[:2] in (["wal", "push"], ["wal", "fetch"]) and not any(
+        a.startswith("-") for a in args_list[2:]
+    ):
         # Fast path for archive_command / restore_command: no argparse tree, few imports.
         from emrdr.cli import wal
 

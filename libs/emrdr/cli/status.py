@@ -108,9 +108,11 @@ async def collect_status() -> dict[str, Any]:
         "nats_url": settings.resolved_nats_url(),
         "services": services,
         "nodes": node_rows,
-        "primary": topology.get("primary", {}).get("node")
-        if topology.get("primary")
-        else (primaries[0] if len(primaries) == 1 else None),
+        # Live observation first; the topology record (kept by the dr-coordinator) only when
+        # the nodes cannot tell (none, or more than one, writable primary answers).
+        "primary": primaries[0]
+        if len(primaries) == 1
+        else (topology.get("primary") or {}).get("node"),
         "writable_primaries": primaries,
         "topology": topology,
         "coordinator_lease": lease,

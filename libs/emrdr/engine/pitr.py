@@ -264,8 +264,8 @@ def choose_backup(
     by LSN: ``stop_lsn``) on a timeline the target is reachable from, then checks that WAL is
     continuous from the backup's first segment to the target (to the last archived segment when
     the target's position is unknown before replay: time, xid, name).  Restore points and
-    transaction ids cannot be placed before replay, so those use the newest backup: pass a
-    backup id explicitly to start from an older one.
+    transaction ids cannot be placed before replay, so those use the oldest backup with
+    continuous WAL to the end of the archive: pass a backup id to start from a newer one.
     """
     histories = dict(histories or {})
     if not manifests:
@@ -312,10 +312,19 @@ def choose_backup(
         chosen = reachable[-1]
         why = "newest backup"
     else:
-        chosen = reachable[-1]
+        # A restore point or transaction cannot be placed before replay: start from the oldest
+        # backup from which WAL runs without a gap to the end of the archive (correct wherever
+        # the point is; slower).  Name a newer backup explicitly to replay less.
+        last = _last_archived(wal_available, path, seg_size)
+        continuous = [
+            m for m in reachable
+            if not wal_gaps(wal_available, path, _segno(m.start_wal, seg_size),
+                            max(last, _segno(m.stop_wal, seg_size)), seg_size)
+        ]
+        chosen = continuous[0] if continuous else reachable[-1]
         why = (
-            f"newest backup ({target.describe()} cannot be placed before replay; name an older "
-            "backup if it was created before this one)"
+            f"oldest backup with continuous WAL to the end of the archive ({target.describe()} "
+            "cannot be placed before replay; name a newer backup to replay less)"
         )
 
     start = _segno(chosen.start_wal, seg_size)

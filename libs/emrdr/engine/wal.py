@@ -491,6 +491,8 @@ class WalFeeder:
         if served is None:
             return
         for entry in os.scandir(self.directory):
-            if is_segment_name(entry.name):
-                if parse_segment_name(entry.name, self.seg_size)[1] < served - 2:
-                    Path(entry.path).unlink(missing_ok=True)
+            if (
+                is_segment_name(entry.name)
+                and parse_segment_name(entry.name, self.seg_size)[1] < served - 2
+            ):
+                Path(entry.path).unlink(missing_ok=True)

@@ -103,6 +103,11 @@ class Manifest(BaseModel):
     chunk_size: int
     zstd_level: int
     files: list[FileEntry]
+    directories: list[str] = Field(
+        default_factory=list,
+        description="Every directory of the data directory kept by the backup, relative "
+        "('/'-separated), including the ones kept empty (pg_wal, pg_replslot, ...).",
+    )
     backup_label: str
     tablespace_map: str | None = None
     bytes_source: int = 0

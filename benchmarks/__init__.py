@@ -1,0 +1,1 @@
+"""Benchmark harness: emrdr's backup engine against pgBackRest (see benchmarks/README.md)."""

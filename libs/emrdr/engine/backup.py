@@ -1,0 +1,816 @@
+"""Full and incremental base backups of one PostgreSQL 15 node into the repository.
+
+The procedure, in the order :func:`run_backup` reads:
+
+1. connect to the node (primary or standby) and hold that session for the whole backup;
+2. choose the parent (incremental): the newest complete backup of the same system on this
+   timeline or an ancestor of it; without one the backup is taken as a full;
+3. mark the backup started in the repository, ``pg_backup_start(label, fast => true)``;
+4. list the data directory (skipping what ``pg_basebackup`` skips), plan each file: *reuse*
+   the parent's chunk list for a file whose size and mtime are unchanged and whose mtime is
+   older than the parent's start minus a safety margin, *read* everything else;
+5. read files in parallel: SHA-256, 1 MiB chunks into the chunk store (dedup), page checksums
+   of relation files (a bad page makes the backup *degraded*, naming relation and block);
+6. write the canary row on the primary (waiting for a standby source to replay it), record EMR
+   row counts, ``pg_backup_stop(wait_for_archive => true)``;
+7. upload spooled WAL in-process until every segment from start to stop is in the repository;
+8. write the manifest (two copies): only now is the backup listed as complete.
+
+Any failure before 8 leaves no manifest, so the backup is never listed; earlier backups are not
+touched (objects are immutable).  Every manifest lists every file with its full chunk list (a
+synthetic full), so restore never walks a chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import asyncpg
+
+from emrdr.config import PgNode, Settings
+from emrdr.engine.pagecheck import BLCKSZ, first_block_of, is_checksummed_file, verify_pages
+from emrdr.engine.repository import Repository
+from emrdr.engine.wal import upload_spool
+from emrdr.pg import emr_seed
+from emrdr.pg.lsn import format_lsn, parse_lsn, segment_name_from_number
+from emrdr.repo import DEFAULT_CHUNK_SIZE, RepoError, split
+from emrdr.repo.manifest import FileEntry, Manifest, backup_id_for, started_key
+
+__all__ = [
+    "MTIME_SAFETY_MARGIN_S",
+    "BackupError",
+    "BackupResult",
+    "PlannedFile",
+    "SourceFile",
+    "choose_parent",
+    "exclusion",
+    "list_data_dir",
+    "plan_file",
+    "run_backup",
+]
+
+Kind = Literal["full", "incremental"]
+ProgressFn = Callable[[int, int], None]
+
+#: A file modified this close to (or after) the parent's start is read again even if its size
+#: and mtime look unchanged: coarse timestamps cannot prove it did not change meanwhile.
+MTIME_SAFETY_MARGIN_S = 10.0
+WAL_TIMEOUT_S = 300.0
+
+# What pg_basebackup leaves out.  Directories whose *contents* are skipped (the directory
+# itself is kept, empty):
+_EMPTY_DIRS = frozenset({
+    "pg_wal", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots",
+    "pg_stat_tmp", "pg_subtrans",
+})
+# Files skipped by exact name at the top of the data directory:
+_SKIP_TOP_FILES = frozenset({
+    "postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map",
+    "standby.signal", "recovery.signal", "postgresql.auto.conf.tmp", "current_logfiles.tmp",
+})
+_TEMP_REL = re.compile(r"^t\d+_\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?$")
+_REL_MAIN = re.compile(r"^(\d+)(?:_(?:fsm|vm))?(?:\.\d+)?$")
+
+
+class BackupError(RuntimeError):
+    """The backup failed; nothing was listed as complete."""
+
+
+# --- data shapes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of the data directory as listed (before reading)."""
+
+    path: str  # relative, '/'-separated
+    abs_path: Path
+    size: int
+    mtime: float
+    mode: int
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    source: SourceFile
+    action: Literal["read", "reuse"]
+    reason: str
+
+
+@dataclass
+class BackupResult:
+    """What a backup did (also what a dry run would do)."""
+
+    backup_id: str
+    kind: Kind
+    parent_id: str | None
+    bytes_source: int  # size of every file in the backup
+    bytes_read: int
+    bytes_reused: int
+    bytes_stored: int  # new bytes in the repository (chunks; WAL not included)
+    duration_s: float
+    start_lsn: str | None = None
+    stop_lsn: str | None = None
+    start_wal: str | None = None
+    stop_wal: str | None = None
+    timeline: int | None = None
+    files: int = 0
+    files_read: int = 0
+    files_reused: int = 0
+    degraded: bool = False
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    plan: list[PlannedFile] = field(default_factory=list)
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Bytes in the backup per new byte stored (higher is better)."""
+        return self.bytes_source / self.bytes_stored if self.bytes_stored else float("inf")
+
+    @property
+    def throughput_mb_s(self) -> float:
+        """Source bytes covered per second (MB = 10**6 bytes)."""
+        return self.bytes_source / 1e6 / self.duration_s if self.duration_s > 0 else 0.0
+
+
+# --- pure decisions ------------------------------------------------------------------------
+
+
+def exclusion(relpath: str, is_dir: bool) -> str | None:
+    """Why ``relpath`` is left out of a base backup (None: it is backed up)."""
+    parts = relpath.split("/")
+    name = parts[-1]
+    if name.startswith("pgsql_tmp"):
+        return "temporary file"
+    if len(parts) > 1 and parts[0] in _EMPTY_DIRS:
+        if parts[0] == "pg_wal" and parts[1:] == ["archive_status"] and is_dir:
+            return None
+        return f"contents of {parts[0]}/ are not backed up"
+    if is_dir:
+        return None
+    if len(parts) == 1 and name in _SKIP_TOP_FILES:
+        return f"{name} is not backed up"
+    if name == "pg_internal.init":
+        return "relation cache init file (rebuilt at start)"
+    if _TEMP_REL.match(name) and _in_database_dir(parts):
+        return "temporary relation"
+    return None
+
+
+def _in_database_dir(parts: list[str]) -> bool:
+    return (len(parts) == 3 and parts[0] == "base") or (
+        len(parts) == 5 and parts[0] == "pg_tblspc"
+    )
+
+
+def unlogged_exclusions(relpaths: Iterable[str]) -> set[str]:
+    """Files of unlogged relations other than their init fork (reset at recovery anyway)."""
+    paths = list(relpaths)
+    init_forks = {p[: -len("_init")] for p in paths if p.endswith("_init")}
+    out: set[str] = set()
+    for p in paths:
+        directory, _, name = p.rpartition("/")
+        m = _REL_MAIN.match(name)
+        if m and f"{directory}/{m.group(1)}" in init_forks:
+            out.add(p)
+    return out
+
+
+def plan_file(
+    source: SourceFile, previous: FileEntry | None, reuse_before: float | None
+) -> tuple[Literal["read", "reuse"], str]:
+    """Read or reuse one file, with the reason (``reuse_before``: parent start - margin)."""
+    if previous is None or reuse_before is None:
+        return "read", "not in the parent backup" if reuse_before is not None else "full backup"
+    if previous.size != source.size:
+        return "read", f"size changed ({previous.size} -> {source.size})"
+    if previous.mtime != source.mtime:
+        return "read", "modification time changed"
+    if source.mtime >= reuse_before:
+        return "read", "modified too close to the parent backup's start to trust the timestamp"
+    return "reuse", "unchanged since the parent backup"
+
+
+@dataclass(frozen=True)
+class ParentCandidate:
+    backup_id: str
+    system_identifier: str
+    timeline: int
+
+
+def choose_parent(
+    candidates: Iterable[ParentCandidate], system_identifier: str, ancestry: set[int]
+) -> tuple[str | None, str]:
+    """The newest backup of this system on a timeline of this cluster's history, with why."""
+    ordered = sorted(candidates, key=lambda c: c.backup_id, reverse=True)
+    if not ordered:
+        return None, "no earlier complete backup in the repository"
+    for c in ordered:
+        if c.system_identifier != system_identifier:
+            continue
+        if c.timeline not in ancestry:
+            continue
+        return c.backup_id, f"newest backup of this system on timeline {c.timeline}"
+    return None, (
+        f"no earlier backup of system {system_identifier} on timelines {sorted(ancestry)}"
+    )
+
+
+def parse_backup_label(text: str) -> dict[str, str]:
+    """``START WAL LOCATION: 0/2000028 (file 0000...)`` -> ``{"START WAL LOCATION": ...}``."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def timeline_ancestry(history_text: str | None, timeline: int) -> set[int]:
+    """Timelines in a cluster's history (from its ``<tli>.history`` file) plus its own."""
+    result = {timeline}
+    for line in (history_text or "").splitlines():
+        first = line.strip().split("\t")[0].split(" ")[0]
+        if first.isdigit():
+            result.add(int(first))
+    return result
+
+
+# --- listing -------------------------------------------------------------------------------
+
+
+def list_data_dir(data_dir: Path) -> tuple[list[SourceFile], list[str]]:
+    """Files to back up (sorted by path) and every kept directory, both relative.
+
+    Tablespace links under ``pg_tblspc`` are followed; a file that vanishes while listing is
+    skipped (dropped relations are PostgreSQL's business, replayed from WAL).
+    """
+    files: list[SourceFile] = []
+    dirs: list[str] = []
+    data_dir = Path(data_dir)
+
+    def walk(abs_dir: Path, rel_dir: str) -> None:
+        try:
+            entries = list(os.scandir(abs_dir))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            follow = rel.startswith("pg_tblspc/")
+            try:
+                st = entry.stat(follow_symlinks=follow)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if exclusion(rel, True) is None:
+                    dirs.append(rel)
+                    walk(Path(entry.path), rel)
+            elif stat.S_ISREG(st.st_mode) and exclusion(rel, False) is None:
+                files.append(
+                    SourceFile(rel, Path(entry.path), st.st_size, st.st_mtime,
+                               stat.S_IMODE(st.st_mode))
+                )
+            # sockets, fifos and dangling links are not data
+
+    walk(data_dir, "")
+    skip = unlogged_exclusions(f.path for f in files)
+    files = sorted((f for f in files if f.path not in skip), key=lambda f: f.path)
+    return files, sorted(dirs)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Totals:
+    total: int
+    done: int = 0
+    stored: int = 0
+    read: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _reverify(path: Path, block_in_file: int, block: int, skip_lsn_from: int | None) -> bool:
+    """Re-read one page (it may have been read while being written); True if it is bad."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(block_in_file * BLCKSZ)
+            page = fh.read(BLCKSZ)
+    except FileNotFoundError:
+        return False
+    return len(page) == BLCKSZ and bool(verify_pages(page, block, skip_lsn_from))
+
+
+def read_file(
+    repo: Repository,
+    source: SourceFile,
+    *,
+    skip_lsn_from: int | None,
+    totals: _Totals,
+    on_progress: ProgressFn | None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> FileEntry | None:
+    """Hash, chunk and store one file, checking page checksums; None if it vanished."""
+    digest = hashlib.sha256()
+    chunks: list[str] = []
+    failures: list[int] = []
+    checked = is_checksummed_file(source.path)
+    base_block = first_block_of(source.path) if checked else 0
+    offset = 0
+    try:
+        fh = source.abs_path.open("rb")
+    except FileNotFoundError:
+        return None
+    with fh:
+        for block in split(fh, chunk_size):
+            digest.update(block)
+            ref = repo.chunks.put(block)
+            chunks.append(ref.id)
+            if checked:
+                first = base_block + offset // BLCKSZ
+                for bad in verify_pages(block, first, skip_lsn_from):
+                    in_file = bad.block - base_block
+                    if _reverify(source.abs_path, in_file, bad.block, skip_lsn_from):
+                        failures.append(bad.block)
+            offset += len(block)
+            with totals.lock:
+                totals.done += len(block)
+                totals.read += len(block)
+                if ref.new:
+                    totals.stored += ref.stored_size
+                done, total = totals.done, max(totals.total, totals.done)
+            if on_progress is not None:
+                on_progress(done, total)
+    return FileEntry(
+        path=source.path,
+        size=offset,
+        mode=source.mode,
+        mtime=source.mtime,
+        sha256=digest.hexdigest(),
+        chunks=chunks,
+        checksum_failures=failures,
+    )
+
+
+def _reused_entry(source: SourceFile, previous: FileEntry) -> FileEntry:
+    return previous.model_copy(update={"reused": True, "mode": source.mode})
+
+
+def copy_files(
+    repo: Repository,
+    plan: list[PlannedFile],
+    previous: dict[str, FileEntry],
+    *,
+    workers: int,
+    skip_lsn_from: int | None,
+    on_progress: ProgressFn | None,
+) -> tuple[list[FileEntry], _Totals]:
+    """Read the planned files in parallel (largest first); reused files are not opened."""
+    total = sum(p.source.size for p in plan)
+    totals = _Totals(total=total)
+    entries: dict[str, FileEntry] = {}
+    for p in plan:
+        if p.action == "reuse":
+            entries[p.source.path] = _reused_entry(p.source, previous[p.source.path])
+            with totals.lock:
+                totals.done += p.source.size
+    to_read = sorted(
+        (p.source for p in plan if p.action == "read"), key=lambda s: s.size, reverse=True
+    )
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-read") as pool:
+        futures: dict[Future[FileEntry | None], SourceFile] = {
+            pool.submit(
+                read_file, repo, s, skip_lsn_from=skip_lsn_from, totals=totals,
+                on_progress=on_progress,
+            ): s
+            for s in to_read
+        }
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in pending:
+            fut.cancel()
+        for fut in done:
+            exc = fut.exception()
+            if exc is not None:
+                for other in pending:
+                    with contextlib.suppress(Exception):
+                        other.result()
+                raise exc
+        for fut, source in futures.items():
+            entry = fut.result()
+            if entry is not None:
+                entries[source.path] = entry
+    return [entries[k] for k in sorted(entries)], totals
+
+
+# --- the procedure -------------------------------------------------------------------------
+
+
+async def _connect(settings: Settings, node: PgNode, database: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host=node.host, port=node.port, user=settings.pg.user, password=settings.pg.password,
+        database=database, timeout=10,
+    )
+
+
+async def _database_exists(conn: asyncpg.Connection, name: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+
+
+def _find_primary(settings: Settings, exclude: PgNode) -> PgNode | None:
+    for n in settings.pg.nodes:
+        if n.role == "primary" and (n.host, n.port) != (exclude.host, exclude.port):
+            return n
+    return None
+
+
+def _new_backup_id(repo: Repository, kind: Kind) -> tuple[str, datetime]:
+    """A fresh id (ids have one-second resolution: wait for the next second if taken)."""
+    while True:
+        now = datetime.now(UTC)
+        bid = backup_id_for(now, kind)
+        if not repo.storage.exists(started_key(bid)) and bid not in repo.backup_ids():
+            return bid, now
+        time.sleep(1.0 - now.microsecond / 1e6 + 0.01)
+
+
+def _load_parent(
+    repo: Repository, system_id: str, ancestry: set[int]
+) -> tuple[Manifest | None, str]:
+    """Newest complete backup usable as parent (manifests are read newest first)."""
+    ids = repo.backup_ids()
+    if not ids:
+        return None, choose_parent([], system_id, ancestry)[1]
+    for bid in reversed(ids):
+        try:
+            m = repo.read_manifest(bid)
+        except Exception:  # an unreadable manifest is never a parent
+            continue
+        candidate = ParentCandidate(m.backup_id, m.system_identifier, m.timeline)
+        parent_id, reason = choose_parent([candidate], system_id, ancestry)
+        if parent_id is not None:
+            return m, reason
+    return None, f"no earlier backup of system {system_id} on timelines {sorted(ancestry)}"
+
+
+async def _relation_names(
+    settings: Settings, node: PgNode, failures: dict[str, list[int]]
+) -> dict[str, str]:
+    """``base/<db>/<filenode>`` -> ``db.schema.table`` for files with bad pages (best effort)."""
+    names: dict[str, str] = {}
+    by_db: dict[int, list[tuple[str, int]]] = {}
+    for path in failures:
+        parts = path.split("/")
+        fname = parts[-1].split(".")[0].split("_")[0]
+        if parts[0] == "base" and len(parts) == 3 and fname.isdigit():
+            by_db.setdefault(int(parts[1]), []).append((path, int(fname)))
+    if not by_db:
+        return names
+    try:
+        conn = await _connect(settings, node, "postgres")
+        try:
+            dbs = {
+                int(r["oid"]): str(r["datname"])
+                for r in await conn.fetch("SELECT oid, datname FROM pg_database")
+            }
+        finally:
+            await conn.close()
+        for db_oid, items in by_db.items():
+            dbname = dbs.get(db_oid)
+            if dbname is None:
+                continue
+            conn = await _connect(settings, node, dbname)
+            try:
+                for path, filenode in items:
+                    rel = await conn.fetchval(
+                        "SELECT c.oid::regclass::text FROM pg_class c "
+                        "WHERE pg_relation_filenode(c.oid) = $1",
+                        filenode,
+                    )
+                    if rel:
+                        names[path] = f"{dbname}.{rel}"
+            finally:
+                await conn.close()
+    except (OSError, asyncpg.PostgresError):
+        pass
+    return names
+
+
+async def _write_canary(
+    settings: Settings, source: PgNode, source_conn: asyncpg.Connection, in_recovery: bool,
+    backup_id: str, timeout: float = 60.0,
+) -> tuple[bool, dict[str, int], list[str]]:
+    """Canary row on the primary (a standby source waits to replay it) + EMR row counts."""
+    notes: list[str] = []
+    primary = _find_primary(settings, source) if in_recovery else source
+    if primary is None:
+        notes.append("canary not written: source is a standby and no primary is configured")
+        return False, {}, notes
+    conn = await _connect(settings, primary, "postgres")
+    try:
+        dbname = settings.pg.database if await _database_exists(conn, settings.pg.database) else (
+            "postgres"
+        )
+    finally:
+        await conn.close()
+    conn = await _connect(settings, primary, dbname)
+    try:
+        await emr_seed.write_canary(conn, backup_id)
+        canary_lsn = str(await conn.fetchval("SELECT pg_current_wal_flush_lsn()::text"))
+        counts: dict[str, int] = {}
+        if await conn.fetchval("SELECT to_regclass('emr.patients') IS NOT NULL"):
+            counts = await emr_seed.row_counts(conn)
+    finally:
+        await conn.close()
+    if in_recovery:
+        deadline = time.monotonic() + timeout
+        while True:
+            replayed = await source_conn.fetchval("SELECT pg_last_wal_replay_lsn()::text")
+            if replayed and parse_lsn(str(replayed)) >= parse_lsn(canary_lsn):
+                break
+            if time.monotonic() > deadline:
+                raise BackupError(
+                    f"standby {source.name} did not replay the canary (LSN {canary_lsn}) "
+                    f"within {timeout:.0f}s"
+                )
+            await asyncio.sleep(0.05)
+    return True, counts, notes
+
+
+async def _switch_wal_on_primary(settings: Settings, source: PgNode) -> None:
+    primary = _find_primary(settings, source)
+    if primary is None:
+        return
+    conn = await _connect(settings, primary, "postgres")
+    try:
+        await conn.execute("SELECT pg_switch_wal()")
+    finally:
+        await conn.close()
+
+
+def wal_range(
+    start_lsn: int, stop_lsn: int, timeline: int, seg_size: int
+) -> list[str]:
+    """Segments holding WAL from ``start_lsn`` up to (not including) ``stop_lsn``."""
+    first = start_lsn // seg_size
+    last = max(stop_lsn - 1, start_lsn) // seg_size
+    return [segment_name_from_number(timeline, n, seg_size) for n in range(first, last + 1)]
+
+
+def wait_for_wal(
+    settings: Settings, repo: Repository, segments: list[str], timeout: float = WAL_TIMEOUT_S
+) -> None:
+    """Upload spooled WAL until every segment is in the repository; BackupError names the
+    first missing one on timeout."""
+    missing = list(segments)
+    deadline = time.monotonic() + timeout
+    while True:
+        upload_spool(settings, repo)
+        missing = [s for s in missing if not repo.has_wal(s)]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise BackupError(
+                f"WAL segment {missing[0]} (needed by this backup, {len(missing)} missing) did "
+                f"not reach the repository within {timeout:.0f}s: is archive_command "
+                f"'emrdr wal push %p' working, and is {settings.home} its EMRDR_HOME?"
+            )
+        time.sleep(0.2)
+
+
+async def run_backup(
+    settings: Settings,
+    repo: Repository,
+    node: PgNode,
+    kind: Kind = "full",
+    on_progress: ProgressFn | None = None,
+    dry_run: bool = False,
+    retention_days: int | None = None,
+    workers: int = 2,
+    label: str | None = None,
+    *,
+    reuse_margin_s: float = MTIME_SAFETY_MARGIN_S,
+    wal_timeout_s: float = WAL_TIMEOUT_S,
+) -> BackupResult:
+    """Take a full or incremental base backup of ``node`` (see the module docstring).
+
+    ``on_progress(bytes_done, bytes_total)`` is called from the reader threads after each chunk.
+    """
+    if node.data_dir is None:
+        raise BackupError(f"node {node.name} has no local data_dir: emrdr reads files directly")
+    data_dir = Path(node.data_dir)
+    if not (data_dir / "PG_VERSION").is_file():
+        raise BackupError(f"{data_dir} is not a readable PostgreSQL data directory")
+    t0 = time.monotonic()
+    ids: list[str] = []
+    try:
+        conn = await _connect(settings, node, "postgres")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise BackupError(f"cannot connect to node {node.name} ({node.host}:{node.port}): "
+                          f"{exc}") from exc
+    try:
+        return await _backup_with(
+            settings, repo, node, conn, data_dir, kind, on_progress, dry_run, retention_days,
+            workers, label, reuse_margin_s, wal_timeout_s, t0, ids,
+        )
+    except (RepoError, BackupError):
+        raise
+    except Exception as exc:
+        which = f"backup {ids[0]}" if ids else "backup"
+        raise BackupError(
+            f"{which} of node {node.name} failed: {type(exc).__name__}: {exc}; no manifest was "
+            "written, so it is not listed as complete, and earlier backups are untouched"
+        ) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+async def _backup_with(
+    settings: Settings, repo: Repository, node: PgNode, conn: asyncpg.Connection,
+    data_dir: Path, kind: Kind, on_progress: ProgressFn | None, dry_run: bool,
+    retention_days: int | None, workers: int, label: str | None, reuse_margin_s: float,
+    wal_timeout_s: float, t0: float, ids: list[str],
+) -> BackupResult:
+    system_id = str(await conn.fetchval("SELECT system_identifier FROM pg_control_system()"))
+    pg_version = int(str(await conn.fetchval("SHOW server_version_num"))) // 10000
+    seg_size = int(await conn.fetchval(
+        "SELECT setting::bigint * (CASE unit WHEN 'B' THEN 1 WHEN 'MB' THEN 1048576 ELSE 1 END)"
+        " FROM pg_settings WHERE name = 'wal_segment_size'"
+    ))
+    in_recovery = bool(await conn.fetchval("SELECT pg_is_in_recovery()"))
+    timeline = int(await conn.fetchval("SELECT timeline_id FROM pg_control_checkpoint()"))
+    history = data_dir / "pg_wal" / f"{timeline:08X}.history"
+    ancestry = timeline_ancestry(history.read_text() if history.exists() else None, timeline)
+
+    notes: list[str] = []
+    parent: Manifest | None = None
+    if kind == "incremental":
+        parent, reason = _load_parent(repo, system_id, ancestry)
+        if parent is None:
+            notes.append(f"taken as a full backup: {reason}")
+            kind = "full"
+        else:
+            notes.append(f"parent {parent.backup_id}: {reason}")
+    previous = {f.path: f for f in parent.files} if parent else {}
+    reuse_before = parent.started_at.timestamp() - reuse_margin_s if parent else None
+
+    backup_id, started = _new_backup_id(repo, kind)
+    ids.append(backup_id)
+    label = label or f"emrdr {backup_id}"
+
+    if dry_run:
+        files, _dirs = list_data_dir(data_dir)
+        plan = [PlannedFile(f, *plan_file(f, previous.get(f.path), reuse_before)) for f in files]
+        return _dry_result(backup_id, kind, parent, plan, notes, t0, timeline)
+
+    repo.mark_started(backup_id, {
+        "backup_id": backup_id, "kind": kind, "node": node.name, "label": label,
+        "started_at": started.isoformat(), "parent_id": parent.backup_id if parent else None,
+    })
+    row = await conn.fetchrow(
+        "SELECT pg_backup_start($1, fast => true)::text AS lsn", label
+    )
+    start_lsn = parse_lsn(str(row["lsn"])) if row else 0
+
+    files, dirs = list_data_dir(data_dir)
+    plan = [PlannedFile(f, *plan_file(f, previous.get(f.path), reuse_before)) for f in files]
+    entries, totals = await asyncio.to_thread(
+        copy_files, repo, plan, previous, workers=workers, skip_lsn_from=start_lsn,
+        on_progress=on_progress,
+    )
+    await _check_reused_chunks(repo, entries)
+
+    canary_ok, counts, canary_notes = await _write_canary(
+        settings, node, conn, in_recovery, backup_id
+    )
+    notes.extend(canary_notes)
+    stop = await conn.fetchrow(
+        "SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop(true)"
+    )
+    if stop is None:
+        raise BackupError(f"pg_backup_stop on {node.name} returned nothing")
+    stop_lsn = parse_lsn(str(stop["lsn"]))
+    labelfile = str(stop["labelfile"])
+    spcmap = str(stop["spcmapfile"] or "") or None
+    if in_recovery:
+        await _switch_wal_on_primary(settings, node)
+    stopped = datetime.now(UTC)
+
+    info = parse_backup_label(labelfile)
+    start_tli = int(info.get("START TIMELINE", str(timeline)))
+    segments = wal_range(start_lsn, stop_lsn, start_tli, seg_size)
+    await asyncio.to_thread(wait_for_wal, settings, repo, segments, wal_timeout_s)
+
+    problems, degraded = await _problems(settings, node, entries)
+    bytes_source = sum(e.size for e in entries)
+    bytes_reused = sum(e.size for e in entries if e.reused)
+    manifest = Manifest(
+        backup_id=backup_id,
+        kind=kind,
+        parent_id=parent.backup_id if parent else None,
+        label=label,
+        source_node=node.name,
+        started_at=started,
+        stopped_at=stopped,
+        start_lsn=format_lsn(start_lsn),
+        stop_lsn=format_lsn(stop_lsn),
+        start_wal=segments[0],
+        stop_wal=segments[-1],
+        timeline=start_tli,
+        system_identifier=system_id,
+        pg_version=pg_version,
+        key_id=repo.keyring.active.id,
+        chunk_size=DEFAULT_CHUNK_SIZE,
+        zstd_level=repo.chunks.zstd_level,
+        files=entries,
+        directories=dirs,
+        backup_label=labelfile,
+        tablespace_map=spcmap,
+        bytes_source=bytes_source,
+        bytes_stored=totals.stored,
+        bytes_reused=bytes_reused,
+        degraded=degraded,
+        problems=problems,
+        retention_days=retention_days,
+        row_counts=counts,
+        canary_written=canary_ok,
+    )
+    repo.write_manifest(manifest)
+    return BackupResult(
+        backup_id=backup_id, kind=kind, parent_id=manifest.parent_id,
+        bytes_source=bytes_source, bytes_read=totals.read, bytes_reused=bytes_reused,
+        bytes_stored=totals.stored, duration_s=time.monotonic() - t0,
+        start_lsn=manifest.start_lsn, stop_lsn=manifest.stop_lsn,
+        start_wal=manifest.start_wal, stop_wal=manifest.stop_wal, timeline=start_tli,
+        files=len(entries), files_read=sum(1 for e in entries if not e.reused),
+        files_reused=sum(1 for e in entries if e.reused),
+        degraded=degraded, problems=problems, notes=notes,
+    )
+
+
+async def _check_reused_chunks(repo: Repository, entries: list[FileEntry]) -> None:
+    """Reused chunk lists point at the parent's chunks: make sure they still exist (retention
+    could have removed the parent meanwhile)."""
+    ids = sorted({c for e in entries if e.reused for c in e.chunks})
+    if not ids:
+        return
+
+    def check() -> str | None:
+        with ThreadPoolExecutor(8, thread_name_prefix="backup-check") as pool:
+            for cid, ok in zip(ids, pool.map(repo.chunks.exists, ids), strict=True):
+                if not ok:
+                    return cid
+        return None
+
+    missing = await asyncio.to_thread(check)
+    if missing is not None:
+        raise BackupError(
+            f"chunk {missing} of the parent backup is no longer in the repository (removed by "
+            "retention during this backup?); take a full backup"
+        )
+
+
+async def _problems(
+    settings: Settings, node: PgNode, entries: list[FileEntry]
+) -> tuple[list[str], bool]:
+    failures = {e.path: e.checksum_failures for e in entries if e.checksum_failures}
+    if not failures:
+        return [], False
+    names = await _relation_names(settings, node, failures)
+    problems = []
+    for path, blocks in sorted(failures.items()):
+        rel = f" (relation {names[path]})" if path in names else ""
+        shown = ", ".join(str(b) for b in blocks[:20]) + (" ..." if len(blocks) > 20 else "")
+        problems.append(f"page checksum mismatch in {path}{rel}: block(s) {shown}")
+    return problems, True
+
+
+def _dry_result(
+    backup_id: str, kind: Kind, parent: Manifest | None, plan: list[PlannedFile],
+    notes: list[str], t0: float, timeline: int,
+) -> BackupResult:
+    read = [p for p in plan if p.action == "read"]
+    reuse = [p for p in plan if p.action == "reuse"]
+    return BackupResult(
+        backup_id=backup_id, kind=kind, parent_id=parent.backup_id if parent else None,
+        bytes_source=sum(p.source.size for p in plan),
+        bytes_read=sum(p.source.size for p in read),
+        bytes_reused=sum(p.source.size for p in reuse),
+        bytes_stored=0, duration_s=time.monotonic() - t0, timeline=timeline,
+        files=len(plan), files_read=len(read), files_reused=len(reuse),
+        notes=notes, dry_run=True, plan=plan,
+    )
