@@ -25,7 +25,7 @@ from emrdr.pg.instance import PgError, PgInstance
 from emrdr.pg.observe import observe_cluster
 from tests.fixtures.pg import ClusterFactory
 
-pytestmark = [pytest.mark.pg, pytest.mark.nats, pytest.mark.slow]
+pytestmark = [pytest.mark.pg, pytest.mark.nats]
 
 
 @pytest.fixture
@@ -168,7 +168,6 @@ async def test_kill9_primary_fails_over_to_the_best_replica(
     # the old primary is down, and if it is restarted it comes back in recovery, not writable
     fence = next(s for s in result if s.name == "fence-old-primary")
     assert "left standby.signal" in fence.detail
-    print(fence.detail)
     assert not old.is_running()
     await asyncio.to_thread(old.start, 30)
     assert old.is_in_recovery()

@@ -90,6 +90,18 @@ async def test_epochs_and_fencing_modes(make_cluster: ClusterFactory) -> None:
     assert (node.data_dir / "standby.signal").exists()
     await asyncio.to_thread(node.start, 30)
     assert node.is_in_recovery()
+
+    # a hung node is killed, never resumed (it could write again before stopping)
+    node.sigstop()
+    try:
+        result = await fence_old_primary(node, "stop", epoch=9, timeout=1.0)
+    finally:
+        node.sigcont()
+    assert result.ok, result.detail
+    assert result.detail.startswith(
+        "pg-primary stopped at epoch 9; running but not answering, so killed (SIGKILL) "
+        "rather than resumed; not reachable (cannot connect to pg-primary"
+    )
+    assert not node.is_running()
     with pytest.raises(FencingError, match="cannot connect to pg-primary"):
-        node.stop("immediate")
         await fence_old_primary(node, "read_only", epoch=9)

@@ -451,10 +451,12 @@ class WalFeeder:
         timelines = sorted({int(n[:8], 16) for n in names if is_segment_name(n)})
         timelines = [t for t in timelines if t >= tli0] or [tli0]
         with ThreadPoolExecutor(self.workers, thread_name_prefix="wal-feed") as pool:
+            first = segno
             while not self._stop.is_set():
                 served = self._served_segno()
-                if served is not None and segno > served + self.window:
-                    time.sleep(0.05)
+                if segno > (first - 1 if served is None else served) + self.window:
+                    self._trim()
+                    time.sleep(0.02)
                     continue
                 # Fetch a few segments ahead concurrently, in order.
                 ahead = [segno + i for i in range(self.workers)]

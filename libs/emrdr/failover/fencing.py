@@ -11,8 +11,9 @@ Fencing an old primary (:func:`fence_old_primary`), by mode:
 * ``read_only`` - record the epoch, ``ALTER SYSTEM SET default_transaction_read_only = on``,
   reload, terminate client sessions. A soft fence: a client may still ``SET`` it off, so use
   ``stop`` or ``hook`` where that matters.
-* ``stop`` - record the epoch if reachable, ``pg_ctl stop -m immediate`` (local nodes only), and
-  leave ``standby.signal`` so a restart comes back in recovery, never as a second primary.
+* ``stop`` - record the epoch if reachable, ``pg_ctl stop -m immediate`` (local nodes only; a
+  running node that does not answer is SIGKILLed, never resumed), and leave ``standby.signal``
+  so a restart comes back in recovery, never as a second primary.
 * ``hook`` - run the operator's command with ``EMRDR_FENCE_NODE``, ``_HOST``, ``_PORT``,
   ``_EPOCH``, ``_DATA_DIR`` in its environment (e.g. to cut power or a network port).
 """
@@ -223,9 +224,11 @@ async def _stop(target: Target, epoch: int, actor: str, timeout: float) -> Fence
     if not isinstance(target, PgInstance):
         raise FencingError(f"fence mode 'stop' needs a local node; {_name(target)} is not one")
     notes: list[str] = []
+    reachable = True
     try:
         conn = await connect_target(target, timeout=min(timeout, 2.0))
     except FencingError as exc:
+        reachable = False
         notes.append(f"not reachable ({exc}), epoch not recorded there")
     else:
         try:
@@ -238,11 +241,16 @@ async def _stop(target: Target, epoch: int, actor: str, timeout: float) -> Fence
         finally:
             await conn.close()
     was_running = target.is_running()
-    try:
-        await asyncio.to_thread(target.stop, "immediate", timeout)
-    except PgError as exc:
-        notes.append(f"pg_ctl stop failed ({exc}); killed it")
+    if was_running and not reachable:
+        # Hung (SIGSTOP, stuck I/O): resuming it for a clean stop would let it write again.
         await asyncio.to_thread(target.kill9)
+        notes.insert(0, "running but not answering, so killed (SIGKILL) rather than resumed")
+    else:
+        try:
+            await asyncio.to_thread(target.stop, "immediate", timeout)
+        except PgError as exc:
+            notes.append(f"pg_ctl stop failed ({exc}); killed it")
+            await asyncio.to_thread(target.kill9)
     if target.is_running():
         return FenceResult(False, "stop", f"{target.name} is still running after stop and kill")
     notes.append(disarm(target))

@@ -1,0 +1,180 @@
+"""The WAL archive: ``wal push`` into the spool, upload into a real local repository,
+fetch back (with prefetch), conflicts kept aside, and the keyless restore feeder path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from emrdr.cli import wal as cli_wal
+from emrdr.config import RepoSettings, Settings
+from emrdr.engine.repository import Repository, open_repository
+from emrdr.engine.wal import (
+    WalConflict,
+    WalFeeder,
+    WalNotFound,
+    fetch_wal,
+    spool_dir,
+    spool_names,
+    upload_spool,
+)
+from emrdr.repo import KeyFileSource
+
+SEG = "0000000100000000000000{:02X}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    key = tmp_path / "repo.key"
+    KeyFileSource.generate(key)
+    return Settings(home=tmp_path / "home", repo=RepoSettings(path=tmp_path / "repo", key_file=key))
+
+
+@pytest.fixture
+def repo(settings: Settings) -> Repository:
+    return open_repository(settings, create=True)
+
+
+def segment_bytes(n: int, size: int = 1 << 20) -> bytes:
+    """WAL-like content: mostly zeroes with some distinct bytes."""
+    return (f"segment {n} ".encode() * 1000).ljust(size, b"\0")
+
+
+def push(settings: Settings, tmp_path: Path, name: str, data: bytes) -> str:
+    src = tmp_path / "pg_wal" / name
+    src.parent.mkdir(exist_ok=True)
+    src.write_bytes(data)
+    return cli_wal.push(src, spool_dir(settings))
+
+
+def test_push_same_segment_twice_is_fine_different_content_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    assert push(settings, tmp_path, SEG.format(1), segment_bytes(1)).endswith("archived")
+    assert "identical" in push(settings, tmp_path, SEG.format(1), segment_bytes(1))
+    with pytest.raises(FileExistsError, match="different content"):
+        push(settings, tmp_path, SEG.format(1), segment_bytes(2))
+
+
+def test_push_command_exit_codes(settings: Settings, tmp_path: Path) -> None:
+    """The real command line, as PostgreSQL runs it."""
+    src = tmp_path / SEG.format(5)
+    src.write_bytes(segment_bytes(5))
+    exe = Path(sys.executable).parent / "emrdr"
+    env = dict(os.environ, EMRDR_HOME=str(settings.home))
+    assert subprocess.run([exe, "wal", "push", str(src)], env=env, check=False).returncode == 0
+    assert subprocess.run([exe, "wal", "push", str(src)], env=env, check=False).returncode == 0
+    src.write_bytes(segment_bytes(6))
+    bad = subprocess.run(
+        [exe, "wal", "push", str(src)], env=env, check=False, capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "different content" in bad.stderr
+
+
+def test_upload_then_fetch_round_trip_with_prefetch(
+    settings: Settings, repo: Repository, tmp_path: Path
+) -> None:
+    names = [SEG.format(n) for n in range(1, 7)]
+    for n, name in enumerate(names, 1):
+        push(settings, tmp_path, name, segment_bytes(n))
+    push(settings, tmp_path, "00000002.history", b"1\t0/3000000\tno recovery target\n")
+    archived: list[str] = []
+    done = upload_spool(settings, repo, on_archived=lambda u: archived.append(u.segment))
+    assert [u.segment for u in done] == archived == [*names, "00000002.history"]
+    assert spool_names(spool_dir(settings)) == []
+    assert all(u.bytes_stored < u.bytes_source for u in done[:-1])  # compressed
+    assert repo.has_wal("00000002.history")
+    # Re-uploading an identical file is fine.
+    push(settings, tmp_path, names[0], segment_bytes(1))
+    again = upload_spool(settings, repo)
+    assert [u.new for u in again] == [False]
+
+    cache = tmp_path / "cache"
+    dest = tmp_path / "restore"
+    dest.mkdir()
+    assert fetch_wal(settings, repo, names[0], dest / "x", cache=cache, prefetch=4) == "repository"
+    assert (dest / "x").read_bytes() == segment_bytes(1)
+    deadline = time.monotonic() + 10
+    while not (cache / names[4]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for n, name in enumerate(names[1:], 2):
+        source = fetch_wal(settings, repo, name, dest / "x", cache=cache, prefetch=4)
+        assert source == "cache", name
+        assert (dest / "x").read_bytes() == segment_bytes(n)
+    with pytest.raises(WalNotFound, match=SEG.format(0x20)):
+        fetch_wal(settings, repo, SEG.format(0x20), dest / "x", cache=cache)
+
+
+def test_spooled_copy_is_served_first(settings: Settings, repo: Repository, tmp_path: Path) -> None:
+    push(settings, tmp_path, SEG.format(9), segment_bytes(9))
+    out = tmp_path / "out"
+    assert fetch_wal(settings, repo, SEG.format(9), out, prefetch=0) == "spool"
+    assert out.read_bytes() == segment_bytes(9)
+
+
+def test_conflicting_segment_is_kept_aside_and_others_still_go(
+    settings: Settings, repo: Repository, tmp_path: Path
+) -> None:
+    push(settings, tmp_path, SEG.format(1), segment_bytes(1))
+    upload_spool(settings, repo)
+    # Another cluster's segment with the same name reaches the spool.
+    push(settings, tmp_path, SEG.format(1), segment_bytes(99))
+    push(settings, tmp_path, SEG.format(2), segment_bytes(2))
+    with pytest.raises(WalConflict, match=SEG.format(1)) as err:
+        upload_spool(settings, repo)
+    assert [u.segment for u in err.value.uploaded] == [SEG.format(2)]
+    kept = err.value.kept[0]
+    assert kept.read_bytes() == segment_bytes(99) and SEG.format(1) in kept.name
+    assert spool_names(spool_dir(settings)) == []
+    assert repo.get_wal(SEG.format(1)) == segment_bytes(1)  # the archive is unchanged
+
+
+def test_partial_and_backup_history_files_are_archived(
+    settings: Settings, repo: Repository, tmp_path: Path
+) -> None:
+    partial = SEG.format(3) + ".partial"
+    backup_hist = SEG.format(3) + ".00000028.backup"
+    push(settings, tmp_path, partial, segment_bytes(3))
+    push(settings, tmp_path, backup_hist, b"START WAL LOCATION: 0/3000028\n")
+    assert {u.segment for u in upload_spool(settings, repo)} == {partial, backup_hist}
+    assert repo.get_wal(partial) == segment_bytes(3)
+
+
+def test_feeder_serves_keyless_fetch_and_declares_the_end(
+    settings: Settings, repo: Repository, tmp_path: Path
+) -> None:
+    names = [SEG.format(n) for n in range(4, 10)]
+    for n, name in enumerate(names, 4):
+        push(settings, tmp_path, name, segment_bytes(n))
+    push(settings, tmp_path, "00000001.history", b"")  # not realistic, just a history file
+    upload_spool(settings, repo)
+    wal_dir = tmp_path / "restore-wal"
+    feeder = WalFeeder(repo, wal_dir, window=3).start(names[0])
+    empty_spool = tmp_path / "empty-spool"
+    dest = tmp_path / "RECOVERYXLOG"
+    try:
+        time.sleep(0.3)
+        ahead = [p.name for p in wal_dir.iterdir() if p.name.startswith("0000000100")]
+        assert len(ahead) <= 3 + 2, ahead  # window + one batch of the two workers
+        for n, name in enumerate(names, 4):
+            cli_wal.fetch(name, dest, empty_spool, wal_dir, wait_s=10)
+            assert dest.read_bytes() == segment_bytes(n)
+        assert feeder.wait(10)
+        # Past the end of the archive: "not found" at once, so recovery can end.
+        t0 = time.monotonic()
+        with pytest.raises(FileNotFoundError):
+            cli_wal.fetch(SEG.format(10), dest, empty_spool, wal_dir, wait_s=10)
+        with pytest.raises(FileNotFoundError):
+            cli_wal.fetch("00000002.history", dest, empty_spool, wal_dir, wait_s=10)
+        assert time.monotonic() - t0 < 1.0
+        cli_wal.fetch("00000001.history", dest, empty_spool, wal_dir, wait_s=10)
+    finally:
+        feeder.stop()
+    assert feeder.error is None
+    # Segments well behind replay were trimmed.
+    assert not (wal_dir / names[0]).exists()
