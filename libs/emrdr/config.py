@@ -24,6 +24,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from emrdr.failover.settings import FailoverSettings
 from emrdr.paths import default_home
 
 
@@ -191,6 +192,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     thresholds: ThresholdSettings = Field(default_factory=ThresholdSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    failover: FailoverSettings = Field(default_factory=FailoverSettings)
     actor: str = Field(default_factory=lambda: os.environ.get("USER", "operator"))
 
     @classmethod

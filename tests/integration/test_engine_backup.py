@@ -223,7 +223,7 @@ async def test_full_backup_lists_every_file_wal_and_canary(env: Env) -> None:
     assert res.bytes_source == sum(f.size for f in m.files) and res.throughput_mb_s > 0
     print(
         f"\nfull: {res.bytes_source / 1e6:.1f} MB in {res.duration_s:.2f}s "
-        f"({res.throughput_mb_s:.0f} MB/s), stored {res.bytes_stored / 1e6:.1f} MB"
+        f"({res.throughput_mb_s:.0f} MB/s), stored {res.bytes_stored / 1e6:.1f} MB {res.phases}"
     )
 
 
@@ -263,7 +263,7 @@ async def test_incremental_reads_and_stores_much_less(env: Env) -> None:
     print(
         f"\nincremental: read {inc.bytes_read / 1e6:.2f} MB of {inc.bytes_source / 1e6:.1f} MB,"
         f" stored {inc.bytes_stored / 1e3:.0f} kB in {inc.duration_s:.2f}s (full stored "
-        f"{full.bytes_stored / 1e6:.1f} MB in {full.duration_s:.2f}s)"
+        f"{full.bytes_stored / 1e6:.1f} MB in {full.duration_s:.2f}s) {inc.phases} {full.phases}"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -20,7 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from emrdr.config import PgNode, RepoSettings, Settings
+
+from emrdr.config import PgNode, RepoSettings, RetentionSettings, Settings
 from emrdr.engine.pitr import PitrError, RecoveryTarget
 from emrdr.engine.repository import Repository, open_repository
 from emrdr.engine.restore import (
@@ -30,6 +32,14 @@ from emrdr.engine.restore import (
     restore_backup,
     restore_to_point,
     stop_restored,
+)
+from emrdr.engine.retention import (
+    GC_LOCK_KEY,
+    enforce_retention,
+    gc_in_progress,
+    place_hold,
+    read_hold,
+    release_hold,
 )
 from emrdr.pg.emr_seed import add_rows, row_counts, seed
 from emrdr.pg.instance import PgInstance
@@ -42,11 +52,12 @@ from emrdr.repo import (
     LocalStorage,
     PassphraseSource,
     WrongKeyError,
+    aad_for,
     chunk_key,
+    seal,
     split,
 )
 from emrdr.repo.manifest import FileEntry, Manifest, backup_id_for, manifest_copy_key, manifest_key
-
 from tests.fixtures.pg import destroy_cluster, fresh_base_dir
 
 pytestmark = pytest.mark.pg
@@ -421,3 +432,72 @@ def test_restore_throughput(world: World) -> None:
           f"{elapsed:.2f} s = {result.bytes_restored / 1e6 / elapsed:.0f} MB/s "
           f"(+{result.wal_staged} WAL files, {result.wal_bytes_staged / 1e6:.0f} MB staged)")
     assert segment_name_from_number(1, 1)  # keep the import honest
+
+
+# --- retention and chunk GC -----------------------------------------------------------------
+
+
+def test_gc_removes_only_unreferenced_chunks_and_spares_a_running_backup(world: World) -> None:
+    """Retention removes B1; chunk GC waits while a backup is running (fresh ``started``
+    marker), then removes exactly the chunks no remaining manifest references; B2 restores."""
+    settings, repo, root = copy_repo(world, "gc")
+    settings = settings.model_copy(update={"retention": RetentionSettings(full_days=0)})
+    b1_only = {c for f in world.b1.files for c in f.chunks} - {
+        c for f in world.b2.files for c in f.chunks
+    }
+    assert b1_only
+    now = datetime.now(UTC) + timedelta(hours=1)
+    running = backup_id_for(now - timedelta(minutes=5), "incremental")
+    repo.mark_started(running, {"started_at": now.isoformat()})
+    its_chunk = repo.chunks.put(b"chunk of a backup still running" * 1000).id
+
+    before = _snapshot(root)
+    dry = enforce_retention(settings, repo, dry_run=True, now=now)
+    assert dry.plan.remove_backups == [world.b1.backup_id]
+    assert dry.plan.reasons[world.b1.backup_id].startswith("older than the full 0-day")
+    assert dry.bytes_freed > 0 and dry.chunks_removed == len(b1_only) + 1
+    print("\n" + "\n".join(dry.lines()))
+    assert _snapshot(root) == before  # a dry run changes nothing
+
+    first = enforce_retention(settings, repo, now=now)
+    assert first.backups_removed == [world.b1.backup_id]
+    assert repo.backup_ids() == [world.b2.backup_id]
+    assert first.gc_skipped is not None and running in first.gc_skipped
+    assert repo.chunks.exists(its_chunk)
+    assert all(repo.chunks.exists(c) for c in b1_only)  # GC deferred, nothing lost
+
+    # The running backup was killed: once its marker is older than 24 h it no longer blocks.
+    later = now + timedelta(days=2)
+    second = enforce_retention(settings, repo, now=later)
+    assert second.gc_skipped is None
+    assert second.chunks_removed == len(b1_only) + 1
+    assert not any(repo.chunks.exists(c) for c in b1_only)
+    assert not repo.storage.exists(GC_LOCK_KEY)
+    result = restore_backup(settings, repo, world.b2.backup_id, target(world, "after-gc"))
+    assert result.bytes_restored > 0
+    assert (result.target_dir / "global" / "pg_control").exists()
+
+
+def test_legal_hold_survives_retention_and_gc_lock_blocks_gc(world: World) -> None:
+    settings, repo, _ = copy_repo(world, "hold")
+    settings = settings.model_copy(update={"retention": RetentionSettings(full_days=0)})
+    record = place_hold(repo, world.b1.backup_id, "litigation 2026-17", "compliance")
+    assert read_hold(repo, world.b1.backup_id)["reason"] == "litigation 2026-17"
+    now = datetime.now(UTC) + timedelta(days=1)
+    result = enforce_retention(settings, repo, now=now)
+    assert result.plan.keep[world.b1.backup_id] == "legal hold"
+    assert result.backups_removed == [] and record["actor"] == "compliance"
+    assert release_hold(repo, world.b1.backup_id, "compliance", "case closed")
+
+    # A fresh GC lock held by another GC: this run removes B1 but leaves chunks alone.
+    repo.storage.put(GC_LOCK_KEY, seal(repo.keyring.active,
+                                       json.dumps({"started_at": now.isoformat()}).encode(),
+                                       aad_for("gc-lock", "running")))
+    assert gc_in_progress(repo, now=now)
+    blocked = enforce_retention(settings, repo, now=now)
+    assert blocked.backups_removed == [world.b1.backup_id]
+    assert blocked.gc_skipped is not None and "another chunk GC holds gc/running" in (
+        blocked.gc_skipped
+    )
+    assert repo.storage.exists(GC_LOCK_KEY)  # not ours to remove
+    assert all(repo.chunks.exists(c) for f in world.b1.files for c in f.chunks)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
 from emrdr.engine.pitr import (
     PitrError,
     RecoveryTarget,
@@ -204,7 +205,7 @@ class TestStaging:
     def test_plain_restore_stages_the_backups_range_and_histories(self) -> None:
         names = [*ALL_WAL, "00000002.history"]
         assert wal_to_stage(B2, RecoveryTarget(), names, {}) == [
-            "00000002.history", seg(10), seg(11)
+            seg(10), seg(11), "00000002.history"
         ]
 
     def test_lsn_target_stops_after_its_segment(self) -> None:

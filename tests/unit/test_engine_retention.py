@@ -28,7 +28,7 @@ def backup(days_ago: float, kind: str = "full", retention_days: int | None = Non
            n: int | None = None) -> BackupInfo:
     """A backup ``days_ago`` days old using 4 WAL segments per day of history."""
     stopped = NOW - timedelta(days=days_ago)
-    num = n if n is not None else int((3000 - days_ago) * 4)
+    num = n if n is not None else int((5000 - days_ago) * 4)
     return BackupInfo(
         backup_id=stopped.strftime("%Y%m%dT%H%M%SZ") + ("-F" if kind == "full" else "-I"),
         kind="full" if kind == "full" else "incremental", stopped_at=stopped,
@@ -54,7 +54,9 @@ class TestBackups:
         assert sum(b.kind == "incremental" for b in kept.values()) == 90
         assert len(plan.remove_backups) == len(backups) - 2555 - 90
         oldest_removed = min(plan.remove_backups)
-        assert plan.reasons[oldest_removed] == "older than the full 2555-day retention (age 2920 days)"
+        assert plan.reasons[oldest_removed] == (
+            "older than the full 2555-day retention (age 2919 days)"
+        )
 
     def test_the_newest_full_is_never_removed(self) -> None:
         old = [backup(3000), backup(2900), backup(10, "incremental")]

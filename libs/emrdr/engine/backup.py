@@ -135,6 +135,7 @@ class BackupResult:
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     plan: list[PlannedFile] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step of the procedure
 
     @property
     def dedup_ratio(self) -> float:
@@ -681,9 +682,19 @@ async def _backup_with(
         "backup_id": backup_id, "kind": kind, "node": node.name, "label": label,
         "started_at": started.isoformat(), "parent_id": parent.backup_id if parent else None,
     })
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        phases[name] = round(now - mark, 3)
+        mark = now
+
     row = await conn.fetchrow(
         "SELECT pg_backup_start($1, fast => true)::text AS lsn", label
     )
+    lap("start")
     start_lsn = parse_lsn(str(row["lsn"])) if row else 0
 
     files, dirs = list_data_dir(data_dir)
@@ -693,6 +704,7 @@ async def _backup_with(
         on_progress=on_progress,
     )
     await _check_reused_chunks(repo, entries)
+    lap("copy")
 
     canary_ok, counts, canary_notes = await _write_canary(
         settings, node, conn, in_recovery, backup_id
@@ -709,11 +721,13 @@ async def _backup_with(
     if in_recovery:
         await _switch_wal_on_primary(settings, node)
     stopped = datetime.now(UTC)
+    lap("stop")
 
     info = parse_backup_label(labelfile)
     start_tli = int(info.get("START TIMELINE", str(timeline)))
     segments = wal_range(start_lsn, stop_lsn, start_tli, seg_size)
     await asyncio.to_thread(wait_for_wal, settings, repo, segments, wal_timeout_s)
+    lap("wal")
 
     problems, degraded = await _problems(settings, node, entries)
     bytes_source = sum(e.size for e in entries)
@@ -750,6 +764,7 @@ async def _backup_with(
         canary_written=canary_ok,
     )
     repo.write_manifest(manifest)
+    lap("manifest")
     return BackupResult(
         backup_id=backup_id, kind=kind, parent_id=manifest.parent_id,
         bytes_source=bytes_source, bytes_read=totals.read, bytes_reused=bytes_reused,
@@ -758,7 +773,7 @@ async def _backup_with(
         start_wal=manifest.start_wal, stop_wal=manifest.stop_wal, timeline=start_tli,
         files=len(entries), files_read=sum(1 for e in entries if not e.reused),
         files_reused=sum(1 for e in entries if e.reused),
-        degraded=degraded, problems=problems, notes=notes,
+        degraded=degraded, problems=problems, notes=notes, phases=phases,
     )
 
 
