@@ -24,7 +24,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from emrdr.failover.settings import FailoverSettings
+from emrdr.failover.settings import CoordinatorSettings, FailoverSettings
+from emrdr.notify.settings import NotifySettings
 from emrdr.paths import default_home
 
 
@@ -193,6 +194,8 @@ class Settings(BaseSettings):
     thresholds: ThresholdSettings = Field(default_factory=ThresholdSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     failover: FailoverSettings = Field(default_factory=FailoverSettings)
+    coordinator: CoordinatorSettings = Field(default_factory=CoordinatorSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     actor: str = Field(default_factory=lambda: os.environ.get("USER", "operator"))
 
     @classmethod

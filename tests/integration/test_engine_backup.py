@@ -7,15 +7,16 @@ file order and the destructive ones (server stopped, repository disk full) come 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -55,10 +56,10 @@ class Env:
     def primary(self) -> PgInstance:
         return self.cluster.primary
 
-    def node(self, inst: PgInstance, role: str) -> PgNode:
+    def node(self, inst: PgInstance, role: Literal["primary", "replica"]) -> PgNode:
         return PgNode(
             name=inst.name, host=inst.host, port=inst.port, data_dir=inst.data_dir,
-            role=role,  # type: ignore[arg-type]
+            role=role,
         )
 
     @property
@@ -103,8 +104,6 @@ def env(pg_bindir: Path) -> Iterator[Env]:
             "FROM generate_series(1, 250000) g; CHECKPOINT",
             "emr",
         )
-        import asyncio
-
         async def do_seed() -> None:
             conn = await primary.connect("emr")
             try:
@@ -122,8 +121,10 @@ def chunk_bytes(repo: Repository, entry: FileEntry) -> bytes:
     return b"".join(repo.chunks.get(c) for c in entry.chunks)
 
 
-async def backup(env: Env, kind: str = "full", **kw: object) -> BackupResult:
-    return await run_backup(env.settings, env.repo, env.primary_node, kind, **kw)  # type: ignore[arg-type]
+async def backup(
+    env: Env, kind: Literal["full", "incremental"] = "full", **kw: Any
+) -> BackupResult:
+    return await run_backup(env.settings, env.repo, env.primary_node, kind, **kw)
 
 
 # --- pure decisions (no server) -------------------------------------------------------------
@@ -236,7 +237,7 @@ async def test_dry_run_writes_nothing(env: Env) -> None:
 
 async def test_incremental_reads_and_stores_much_less(env: Env) -> None:
     full = await backup(env, "full", reuse_margin_s=1.0)
-    time.sleep(1.2)  # past the reuse safety margin
+    await asyncio.sleep(1.2)  # past the reuse safety margin
     env.primary.psql(
         "UPDATE emr.patients SET updated_at = now() WHERE patient_id <= 5; CHECKPOINT", "emr"
     )

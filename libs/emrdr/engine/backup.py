@@ -12,7 +12,7 @@ The procedure, in the order :func:`run_backup` reads:
 5. read files in parallel: SHA-256, 1 MiB chunks into the chunk store (dedup), page checksums
    of relation files (a bad page makes the backup *degraded*, naming relation and block);
 6. write the canary row on the primary (waiting for a standby source to replay it), record EMR
-   row counts, ``pg_backup_stop(wait_for_archive => true)``;
+   row counts, ``pg_backup_stop`` (not waiting for the archiver: step 7 waits for more);
 7. upload spooled WAL in-process until every segment from start to stop is in the repository;
 8. write the manifest (two copies): only now is the backup listed as complete.
 
@@ -589,7 +589,7 @@ def wait_for_wal(
                 f"not reach the repository within {timeout:.0f}s: is archive_command "
                 f"'emrdr wal push %p' working, and is {settings.home} its EMRDR_HOME?"
             )
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 async def run_backup(
@@ -710,8 +710,10 @@ async def _backup_with(
         settings, node, conn, in_recovery, backup_id
     )
     notes.extend(canary_notes)
+    # wait_for_archive => false: PostgreSQL re-checks the archiver only once a second, and
+    # wait_for_wal below waits for more (the segments in the repository, not just archived).
     stop = await conn.fetchrow(
-        "SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop(true)"
+        "SELECT lsn::text AS lsn, labelfile, spcmapfile FROM pg_backup_stop(false)"
     )
     if stop is None:
         raise BackupError(f"pg_backup_stop on {node.name} returned nothing")

@@ -55,7 +55,7 @@ from emrdr.pg.lsn import (
     parse_segment_name,
     timeline_of,
 )
-from emrdr.pg.osuser import OsUser, chown_tree, ensure_os_user, make_dir, run_as
+from emrdr.pg.osuser import OsUser, can_access_as, chown_tree, ensure_os_user, make_dir, run_as
 from emrdr.repo import IntegrityError, ObjectNotFound, chunk_key
 from emrdr.repo.manifest import FileEntry, Manifest
 
@@ -384,7 +384,15 @@ def restore_backup(
     user = os_user or ensure_os_user(settings.pg.os_user)
     port = port or _free_port()
     staging = staging_dir_for(target_dir)
+    created = not target_dir.exists()
     make_dir(target_dir, user, 0o700)
+    if not can_access_as(user, target_dir, "rwx"):
+        if created:
+            target_dir.rmdir()
+        raise RestoreError(
+            f"the PostgreSQL OS user {user.name} cannot reach {target_dir}: make every parent "
+            "directory traversable (o+x) or choose another target"
+        )
     _mark(target_dir, f"restore of {backup_id} in progress (pid {os.getpid()})")
     try:
         entries = [e for e in manifest.files if _is_restored(e.path)]
@@ -459,7 +467,12 @@ def restore_to_point(
     target_dir: Path,
     *,
     backup_id: str | None = None,
-    **kwargs: object,
+    workers: int = 2,
+    on_progress: ProgressCallback | None = None,
+    start: bool = True,
+    port: int | None = None,
+    os_user: OsUser | None = None,
+    timeout: float = 600.0,
 ) -> RestoreResult:
     """Choose the backup for ``target`` (unless ``backup_id``), restore it and recover to the
     target: :func:`restore_backup` with ``recovery=target``.  Refuses (PitrError) a target
@@ -477,8 +490,9 @@ def restore_to_point(
         }
         backup_id, reason = choose_backup(manifests, target, names, histories)
     return restore_backup(
-        settings, repo, backup_id, target_dir, recovery=target, reason=reason,
-        **kwargs,  # type: ignore[arg-type]
+        settings, repo, backup_id, target_dir, workers=workers, on_progress=on_progress,
+        recovery=target, start=start, port=port, os_user=os_user, timeout=timeout,
+        reason=reason,
     )
 
 

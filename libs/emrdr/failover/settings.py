@@ -53,3 +53,32 @@ class FailoverSettings(BaseModel):
         description="Operator fencing command (mode 'hook'); node facts in EMRDR_FENCE_*.",
     )
     lease_ttl_s: float = Field(default=10.0, gt=0, description="TTL of the coordinator lease.")
+
+
+class CoordinatorSettings(BaseModel):
+    """The dr-coordinator process: lease, Alertmanager endpoint, what follows a failover."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lease_bucket: str = Field(
+        default="emrdr_leases", description="KV bucket of the lease (its TTL is the bucket's)."
+    )
+    lease_key: str = "coordinator"
+    alertmanager_host: str = "127.0.0.1"
+    alertmanager_port: int | None = Field(
+        default=0, description="Port of POST /alertmanager; 0 picks a free one, None disables it."
+    )
+    alertmanager_token: str | None = Field(
+        default=None, description="Bearer token Alertmanager must send (unset: none required)."
+    )
+    auto_rejoin: bool = Field(
+        default=True, description="Rejoin a failed-over primary as a replica when it returns."
+    )
+    backup_after_failover: bool = Field(
+        default=True, description="Issue StartBackup(kind=full) after a new primary is up."
+    )
+    manage_sync_standbys: bool = Field(
+        default=True,
+        description="In sync mode, keep synchronous_standby_names = ANY 1 (replicas) on the "
+        "primary.",
+    )

@@ -390,3 +390,39 @@ class BulkImportCompleted(Event):
     rows: int = Field(ge=0)
     tables: list[str] = Field(default_factory=list)
     finished_at: datetime | None = None
+
+
+# --- failover: paging and rejoin (issue #5) ------------------------------------------------
+
+
+@register
+class FailoverPaged(Event):
+    """The coordinator will not act automatically and needs a person (published on change)."""
+
+    subject: ClassVar[str] = "emrdr.evt.failover.paged"
+    reason: str
+    primary: str | None = None
+    epoch: int | None = None
+
+
+@register
+class NodeRejoined(Event):
+    """A former primary follows the new primary as a replica again."""
+
+    subject: ClassVar[str] = "emrdr.evt.failover.rejoined"
+    outcome: ClassVar[Outcome | None] = "success"
+    node: str
+    primary: str
+    method: Literal["pg_rewind", "basebackup", "restart"]
+    detail: str
+    duration_s: float
+
+
+@register
+class NodeRejoinFailed(Event):
+    """A former primary could not be rejoined; it stays fenced and a person is paged."""
+
+    subject: ClassVar[str] = "emrdr.evt.failover.rejoin_failed"
+    outcome: ClassVar[Outcome | None] = "failure"
+    node: str
+    error: str
