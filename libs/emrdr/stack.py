@@ -93,6 +93,7 @@ class EmbeddedStack:
             self._start_nats()
             self._start_pg()
             self._ensure_identities()
+            self._ensure_repository()
             self._write_state()
             if self.with_services:
                 for name in SERVICE_NAMES:
@@ -191,6 +192,17 @@ class EmbeddedStack:
         for name in SERVICE_NAMES:
             ensure_identity(self.settings.keys_dir, name, "system", trust)
         ensure_identity(self.settings.keys_dir, self.settings.actor, "dba", trust)
+
+    def _ensure_repository(self) -> None:
+        """The sandbox's repository key (unless one is configured) and an initialised repo."""
+        from emrdr.engine.repository import ensure_sandbox_key, open_repository
+
+        ensure_sandbox_key(self.settings)
+        repo = open_repository(self.settings, create=True)
+        self.say(
+            f"repository    : {repo.storage.describe()} (key {repo.keyring.active.id}, "
+            f"zstd {self.settings.repo.zstd_level})"
+        )
 
     def _write_state(self) -> None:
         nodes = self.cluster.nodes() if self.cluster else list(self.settings.pg.nodes)

@@ -1,14 +1,17 @@
-"""dr-coordinator: keeps the topology record; failover, switchover and DR-site activation."""
+"""dr-coordinator: keeps the topology record; failover, switchover and rejoin (lease holder only).
+
+The logic is :class:`emrdr.failover.coordinator.Coordinator`; this module wires it to the bus.
+"""
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
+import re
 from typing import Any
 
 from emrdr.bus.runtime import HandlerContext, NotAvailableYet, Service, run_service
-from emrdr.bus.topology import KV_TOPOLOGY
-from emrdr.messages.events import ClusterObserved
+from emrdr.failover.coordinator import Coordinator
+from emrdr.messages.commands import PromoteNode, Switchover
+from emrdr.messages.events import ClusterObserved, NodeHealthChanged
 
 NAME = "dr-coordinator"
 
@@ -18,32 +21,36 @@ async def not_built(command: Any, ctx: HandlerContext) -> None:
     raise NotAvailableYet(f"{command.type}: the DR runbooks land with {where}")
 
 
-async def record_topology(event: ClusterObserved, ctx: HandlerContext) -> None:
-    """Keep the last observed topology, and the primary when exactly one is writable."""
-    nc = ctx.service.nc
-    assert nc is not None
-    kv = await nc.jetstream().key_value(KV_TOPOLOGY)
-    nodes = {n.name: n.model_dump(mode="json") for n in event.nodes}
-    await kv.put("nodes", json.dumps(nodes).encode())
-    primaries = [n for n in event.nodes if n.reachable and n.role == "primary"]
-    if len(primaries) == 1:
-        p = primaries[0]
-        await kv.put(
-            "primary",
-            json.dumps(
-                {
-                    "node": p.name,
-                    "host": p.host,
-                    "port": p.port,
-                    "observed_at": datetime.now(UTC).isoformat(),
-                }
-            ).encode(),
-        )
-
-
 def build(service: Service) -> None:
-    service.on_command("emrdr.cmd.dr.>", not_built)
-    service.on_event(ClusterObserved.subject, record_topology, durable="dr-coordinator-topology-v1")
+    build_coordinator(service)
+
+
+def build_coordinator(service: Service) -> Coordinator:
+    """Register handlers and loops; returns the coordinator (tests inspect it)."""
+    coordinator = Coordinator(service)
+    instance = re.sub(r"[^A-Za-z0-9_-]", "_", service.instance)
+    service.on_command(PromoteNode.subject, coordinator.on_promote)
+    service.on_command(Switchover.subject, coordinator.on_switchover)
+    service.on_command("emrdr.cmd.dr.activate_site", not_built)
+    service.on_command("emrdr.cmd.dr.recover_corruption", not_built)
+    service.on_event(
+        ClusterObserved.subject, coordinator.record_observed, durable="dr-coordinator-topology-v1"
+    )
+    service.on_event(
+        NodeHealthChanged.subject, coordinator.on_health_event,
+        durable=f"dr-coordinator-health-{instance}",
+    )
+
+    async def run() -> None:
+        await coordinator.setup()
+        service.spawn(coordinator.lease_loop, "lease")
+        try:
+            await coordinator.loop()
+        finally:
+            await coordinator.close()
+
+    service.spawn(run, "coordinate")
+    return coordinator
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from emrdr.cli.common import add_json, issue, not_available
+from emrdr.cli.common import add_json, issue
 
 
 def register(sub: Any) -> None:
@@ -43,5 +43,67 @@ def run_backup(args: argparse.Namespace) -> int:
     )
 
 
+def list_backups() -> list[dict[str, Any]]:
+    """Every complete backup (read from the repository), oldest first."""
+    from emrdr.config import get_settings
+    from emrdr.engine.repository import open_repository
+
+    repo = open_repository(get_settings())
+    rows: list[dict[str, Any]] = []
+    for backup_id in repo.backup_ids():
+        m = repo.read_manifest(backup_id)
+        rows.append(
+            {
+                "backup_id": m.backup_id,
+                "kind": m.kind,
+                "parent_id": m.parent_id,
+                "started_at": m.started_at.isoformat(),
+                "stopped_at": m.stopped_at.isoformat(),
+                "duration_s": round((m.stopped_at - m.started_at).total_seconds(), 1),
+                "timeline": m.timeline,
+                "start_lsn": m.start_lsn,
+                "stop_lsn": m.stop_lsn,
+                "wal": [m.start_wal, m.stop_wal],
+                "bytes_source": m.bytes_source,
+                "bytes_stored": m.bytes_stored,
+                "files": len(m.files),
+                "degraded": m.degraded,
+                "problems": m.problems,
+                "legal_hold": repo.is_held(backup_id),
+                "retention_days": m.retention_days,
+                "key_id": m.key_id,
+                "source_node": m.source_node,
+            }
+        )
+    return rows
+
+
 def run_list(args: argparse.Namespace) -> int:
-    return not_available("listing backups", "the backup engine, issue #3")
+    import json
+
+    from emrdr.cli.errors import CliError
+
+    try:
+        rows = list_backups()
+    except Exception as exc:
+        raise CliError(f"cannot read the repository: {type(exc).__name__}: {exc}") from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no complete backups in the repository")
+        return 0
+    print(
+        f"{'backup':<22} {'kind':<11} {'stopped (UTC)':<20} {'source MB':>10} "
+        f"{'stored MB':>10} {'tl':>3}  flags"
+    )
+    for r in rows:
+        flags = ",".join(
+            f for f, on in (("DEGRADED", r["degraded"]), ("HOLD", r["legal_hold"])) if on
+        )
+        print(
+            f"{r['backup_id']:<22} {r['kind']:<11} {r['stopped_at'][:19]:<20} "
+            f"{r['bytes_source'] / 1e6:>10.1f} {r['bytes_stored'] / 1e6:>10.1f} "
+            f"{r['timeline']:>3}  {flags}"
+        )
+    return 0

@@ -58,7 +58,7 @@ def issue(args: argparse.Namespace, command_factory: Any, label: str = "") -> in
         total = getattr(event, "bytes_total", None)
         if done is not None and total:
             bar.update(done, total)
-        elif not as_json and event.type != "CommandReceived":
+        elif not as_json and event.type != "CommandReceived" and event.outcome == "progress":
             print(f"  {event.occurred_at:%H:%M:%S} {event.type} {_summary(event)}")
 
     try:

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from emrdr.pg.instance import PgError, PgInstance

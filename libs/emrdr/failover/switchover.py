@@ -30,7 +30,7 @@ from emrdr.pg.instance import PgError, PgInstance
 from emrdr.pg.lsn import format_lsn, parse_lsn
 from emrdr.pg.osuser import run_as
 
-__all__ = ["final_checkpoint_lsn", "execute_switchover", "parse_checkpoint_lsn"]
+__all__ = ["execute_switchover", "final_checkpoint_lsn", "parse_checkpoint_lsn"]
 
 
 def parse_checkpoint_lsn(controldata: str) -> int:

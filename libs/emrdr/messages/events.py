@@ -174,6 +174,9 @@ class RetentionEnforced(Event):
     wal_segments_removed: int = 0
     chunks_removed: int = 0
     bytes_freed: int = 0
+    lines: list[str] = Field(
+        default_factory=list, description="What was (or would be) removed or kept, and why."
+    )
 
 
 @register
