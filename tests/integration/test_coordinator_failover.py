@@ -435,7 +435,7 @@ async def test_alertmanager_alone_never_fails_a_healthy_primary(rig_factory: Any
         req = urllib.request.Request(coord.endpoint.url if coord.endpoint else "",
                                      data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=5) as resp:
             body: dict[str, Any] = json.loads(resp.read())
             return body
 

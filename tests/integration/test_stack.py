@@ -139,7 +139,8 @@ class TestEmbeddedStack:
     def test_wal_archiving_reaches_the_spool(
         self, stack: tuple[Up, dict[str, Any]], home: Path
     ) -> None:
-        """archive_command = `emrdr wal push %p` runs as PostgreSQL's OS user and succeeds."""
+        """archive_command = `emrdr wal push %p` runs as PostgreSQL's OS user and succeeds; the
+        backup-worker moves the segment from the spool into the encrypted repository."""
         _, status = stack
         primary = next(n for n in status["nodes"] if n["role"] == "primary")
         psql = ["psql", "-h", "127.0.0.1", "-p", str(primary["port"]), "-U", "postgres", "-Atc"]
@@ -150,11 +151,16 @@ class TestEmbeddedStack:
             check=True,
         ).stdout.strip()
         subprocess.run([*psql, "SELECT pg_switch_wal()"], check=True, capture_output=True)
-        spool = home / "spool" / "wal"
+        from emrdr.config import Settings
+        from emrdr.engine.repository import open_repository
+
+        repo = open_repository(Settings(home=home))
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (spool / segment).exists():
+        while time.monotonic() < deadline and not repo.has_wal(segment):
             time.sleep(0.2)
-        assert (spool / segment).exists(), f"{segment} not archived; spool has {os.listdir(spool)}"
+        spool = home / "spool" / "wal"
+        assert repo.has_wal(segment), f"{segment} not archived; spool has {os.listdir(spool)}"
+        assert not (spool / segment).exists(), "uploaded segments leave the spool"
         failed = subprocess.run(
             [*psql, "SELECT failed_count FROM pg_stat_archiver"],
             capture_output=True,

@@ -163,7 +163,9 @@ FROM pg_replication_slots WHERE slot_type = 'physical'
 async def fetch_slots(conn: asyncpg.Connection) -> list[SlotFacts]:
     """Physical slots on a primary and the WAL each keeps (bytes behind the current LSN)."""
     rows = await conn.fetch(_SLOTS_SQL)
-    return [SlotFacts(name=r["name"], active=r["active"], retained_bytes=r["retained"]) for r in rows]
+    return [
+        SlotFacts(name=r["name"], active=r["active"], retained_bytes=r["retained"]) for r in rows
+    ]
 
 
 async def fetch_sync_standbys(conn: asyncpg.Connection) -> list[str]:
@@ -187,7 +189,9 @@ def used_ratio(path: Path) -> float | None:
     return usage.used / usage.total if usage.total else None
 
 
-def storage_volumes(nodes: Iterable[PgNode], extra: dict[str, Path] | None = None) -> dict[str, Path]:
+def storage_volumes(
+    nodes: Iterable[PgNode], extra: dict[str, Path] | None = None
+) -> dict[str, Path]:
     """Volumes to watch: each local node's data directory and WAL directory, plus ``extra``."""
     out: dict[str, Path] = {}
     for n in nodes:

@@ -55,7 +55,9 @@ class WebhookNotifier:
         try:
             status = await asyncio.to_thread(self._post_sync, body)
         except urllib.error.HTTPError as exc:
-            return Delivery("webhook", (self.url,), False, f"webhook {self.url} answered {exc.code}")
+            return Delivery(
+                "webhook", (self.url,), False, f"webhook {self.url} answered {exc.code}"
+            )
         except (OSError, urllib.error.URLError) as exc:
             return Delivery(
                 "webhook", (self.url,), False, f"webhook {self.url} failed: {exc}"
