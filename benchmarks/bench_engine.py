@@ -49,7 +49,7 @@ from benchmarks.emrdr_side import EmrdrSide, engine_import_error
 from benchmarks.pgbackrest import PROCESS_MAX, PgBackRest
 from emrdr.config import RepoSettings, default_pg_bindir
 from emrdr.pg.instance import PgInstance
-from emrdr.pg.osuser import make_dir, run_as
+from emrdr.pg.osuser import make_dir
 from emrdr.pg.sandbox import kill_strays, port_is_free
 
 SEGMENT = 16 * 1024 * 1024
@@ -97,11 +97,15 @@ def _sql(port: int, sql: str, db: str = "postgres", timeout: float = 30) -> str:
     return out.stdout.strip()
 
 
-def _wait_writable(port: int, timeout: float = 900) -> None:
+def _wait_writable(
+    port: int, alive: Callable[[], bool] | None = None, timeout: float = 900
+) -> None:
     """Wait until the server on ``port`` is out of recovery and commits a write."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"the restored server on port {port} stopped: {last}")
         try:
             if _sql(port, "SELECT pg_is_in_recovery()", timeout=10) == "f":
                 _sql(port, "CREATE TABLE IF NOT EXISTS bench_probe (x int); "
@@ -262,16 +266,21 @@ class Bench:
         base = self.restores / f"pbr-pitr-{i}"
         inst = PgInstance(base, _free_port(), f"pbr-pitr-{i}", os_user=self.inst.user)
         _sync()
-        t0 = time.perf_counter()
-        m = self.pbr.restore_to_time(inst.data_dir, target).check("pgbackrest PITR restore")
-        t_restore = time.perf_counter() - t0
-        inst.configure(archive_mode=False, archive_command="")
-        inst.start(timeout=900)
-        _wait_writable(inst.port)
-        total = time.perf_counter() - t0
-        check = _sql(inst.port, "SELECT count(*) FROM pgbench_history")
-        inst.stop(mode="immediate")
-        _rm(base)
+        try:
+            t0 = time.perf_counter()
+            m = self.pbr.restore_to_time(inst.data_dir, target).check("pgbackrest PITR restore")
+            t_restore = time.perf_counter() - t0
+            inst.configure(archive_mode=False, archive_command="")
+            inst.start(timeout=900)
+            try:
+                _wait_writable(inst.port, inst.is_running)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{inst.log_tail(8)}") from exc
+            total = time.perf_counter() - t0
+            check = _sql(inst.port, "SELECT count(*) FROM pgbench_history")
+        finally:
+            inst.stop(mode="immediate")
+            _rm(base)
         return {"wall_s": total, "restore_s": t_restore, **_mem(m), "history_rows": int(check)}
 
     def _emrdr_pitr(self, i: int, target: str, repo: str) -> dict[str, Any]:
@@ -285,7 +294,7 @@ class Bench:
             self.emrdr.stop_restored(base / "data")
             _rm(base)
             m.check("emrdr PITR restore")
-        _wait_writable(port)
+        _wait_writable(port, timeout=120)
         total = time.perf_counter() - t0
         res = _json_tail(m)
         check = _sql(port, "SELECT count(*) FROM pgbench_history")
@@ -312,6 +321,11 @@ class Bench:
         bench_out = pgbench(self.inst, ["-c", str(self.args.clients), "-j", "2", "-T",
                                         str(self.args.pitr_seconds), "-n", "postgres"])
         end = self.inst.psql("SELECT clock_timestamp()")
+        time.sleep(0.2)
+        # Recovery to a time needs a commit after it in the WAL (else PostgreSQL refuses to
+        # end recovery short of the target): one small transaction after the target.
+        self.inst.psql("CREATE TABLE IF NOT EXISTS bench_after (t timestamptz); "
+                       "INSERT INTO bench_after VALUES (clock_timestamp())")
         wal_bytes = int(self.inst.psql(
             f"SELECT pg_current_wal_lsn() - '{wal0}'::pg_lsn"))
         expected_rows = int(self.inst.psql("SELECT count(*) FROM pgbench_history"))
@@ -439,7 +453,7 @@ def _vals(rows: list[dict[str, Any]], key: str) -> list[float]:
 def _fmt_s(values: list[float]) -> str:
     if not values:
         return "—"
-    return (f"{statistics.median(values):.2f} s ({min(values):.2f}–{max(values):.2f})"
+    return (f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
             if len(values) > 1 else f"{values[0]:.2f} s")
 
 
@@ -507,7 +521,7 @@ def render_markdown(results: Results) -> str:
         f"Run {meta['started']} → {meta['finished']} ({meta['elapsed_s'] / 60:.1f} min), "
         f"dataset scale {meta['scale']} + {meta['md5_rows']:,} md5 rows "
         f"({meta['data_bytes'] / 2**20:,.0f} MiB in base/ and global/), "
-        f"{meta['runs']} repetition(s) per figure, medians with min–max.",
+        f"{meta['runs']} repetition(s) per figure, medians with min-max.",
         "",
         "```",
         meta["command"],
@@ -546,8 +560,8 @@ def render_markdown(results: Results) -> str:
             if key == "pgbackrest" or f"{key}_throughput_ratio" not in d:
                 continue
             sr = d.get(f"{key}_size_ratio")
-            lines.append(f"- {key}: throughput {d[f'{key}_throughput_ratio']:.2f}× pgBackRest's "
-                         f"(target ≥ 2.0×), repository {sr:.3f}× (target ≤ 1.10×): "
+            lines.append(f"- {key}: throughput {d[f'{key}_throughput_ratio']:.2f}x pgBackRest's "
+                         f"(target ≥ 2.0x), repository {sr:.3f}x (target ≤ 1.10x): "
                          f"{_verdict(d.get(f'{key}_ok'))}")
         lines.append("")
     fr = results.get("full_restore")
@@ -564,8 +578,8 @@ def render_markdown(results: Results) -> str:
         lines.append("")
         for col, label in (("wall_s", "restore"), ("wall_plus_sync_s", "restore + sync")):
             if f"restore_{col}_ratio" in d:
-                lines.append(f"- {label}: emrdr {d[f'restore_{col}_ratio']:.2f}× pgBackRest's "
-                             f"speed (target ≥ 1.5×): {_verdict(d.get(f'restore_{col}_ok'))}")
+                lines.append(f"- {label}: emrdr {d[f'restore_{col}_ratio']:.2f}x pgBackRest's "
+                             f"speed (target ≥ 1.5x): {_verdict(d.get(f'restore_{col}_ok'))}")
         lines.append("")
     pt = results.get("pitr")
     if pt:
@@ -581,8 +595,8 @@ def render_markdown(results: Results) -> str:
                          f"{', '.join(str(r['history_rows']) for r in rows)} |")
         lines.append("")
         if "pitr_time_ratio" in d:
-            lines.append(f"- emrdr takes {d['pitr_time_ratio']:.2f}× pgBackRest's time "
-                         f"(target ≤ 0.5×): {_verdict(d.get('pitr_ok'))}")
+            lines.append(f"- emrdr takes {d['pitr_time_ratio']:.2f}x pgBackRest's time "
+                         f"(target ≤ 0.5x): {_verdict(d.get('pitr_ok'))}")
         lines.append("")
     inc = results.get("incremental")
     if inc and inc.get("runs"):
@@ -596,11 +610,11 @@ def render_markdown(results: Results) -> str:
                 f"{r['changed_zstd3_bytes']:,} B | {r['bytes_stored']:,} B | "
                 f"{r['repo_growth_bytes']:,} B | {r['wall_s']:.2f} s |")
         lines += ["",
-                  f"- stored / changed (compressed): {d['incr_stored_ratio']:.2f}× (target ≤ 3×): "
+                  f"- stored / changed (compressed): {d['incr_stored_ratio']:.2f}x (target ≤ 3x): "
                   f"{_verdict(d.get('incr_stored_ok'))}; repository growth including WAL "
-                  f"{d['incr_repo_growth_ratio']:.2f}×",
-                  f"- speed: {d['incr_speedup']:.2f}× its own full ({inc['full_wall_s']:.2f} s) "
-                  f"(target ≥ 5×): {_verdict(d.get('incr_speed_ok'))}", ""]
+                  f"{d['incr_repo_growth_ratio']:.2f}x",
+                  f"- speed: {d['incr_speedup']:.2f}x its own full ({inc['full_wall_s']:.2f} s) "
+                  f"(target ≥ 5x): {_verdict(d.get('incr_speed_ok'))}", ""]
     dl = results.get("daily")
     if dl:
         lines += [f"## {dl['days']} simulated daily backups at {meta['change']:.1%} daily change",
@@ -608,10 +622,10 @@ def render_markdown(results: Results) -> str:
                   f"- first full: {dl['first_full_repo_bytes']:,} B; sum of the daily changes "
                   f"(changed blocks, zstd-3): {dl['changes_zstd3_bytes']:,} B",
                   f"- repository after day {dl['days']}: {dl['final_repo_bytes']:,} B → "
-                  f"{dl['ratio_repo']:.2f}× (first full + changes) (target ≤ 1.5×): "
+                  f"{dl['ratio_repo']:.2f}x (first full + changes) (target ≤ 1.5x): "
                   f"{_verdict(d.get('daily_ok'))}",
                   f"- without the WAL archive: {dl['final_backup_bytes']:,} B → "
-                  f"{dl['ratio_backup_only']:.2f}×", ""]
+                  f"{dl['ratio_backup_only']:.2f}x", ""]
     wp = results.get("wal_push")
     if wp and "p50_s" in wp:
         s = wp["latency_s"]
@@ -680,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a failed phase is reported, the others still run
                 log(f"phase {name} FAILED: {exc}")
                 errors.append(f"phase {name}: {type(exc).__name__}: {str(exc)[:1500]}")
+            write_json(args.out, {**bench.results, "partial": True, "errors": errors})
     finally:
         with_archive = bench.inst.is_running()
         if with_archive:

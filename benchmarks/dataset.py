@@ -143,7 +143,7 @@ def ensure_dataset(
     t0 = time.monotonic()
     cluster.start(timeout=300)
     inst = cluster.instances[0]
-    inst.configure(**BENCH_GUCS)  # type: ignore[arg-type]
+    inst.configure(**BENCH_GUCS)
     inst.restart(timeout=300)
     if marker.exists():
         info = json.loads(marker.read_text())

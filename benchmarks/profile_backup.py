@@ -21,24 +21,25 @@ import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.common import dir_bytes
 from benchmarks.dataset import add_dataset_args, apply_change, ensure_dataset
 from benchmarks.emrdr_side import EmrdrSide, make_settings
 from emrdr.config import PgNode
+from emrdr.pg.instance import PgInstance
 
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _archiving(side: EmrdrSide, inst_psql: object, inst: object) -> None:
+def _archiving(side: EmrdrSide, inst: PgInstance) -> None:
+    """archive_command = emrdr wal push into the profile's EMRDR_HOME."""
     cmd = side.archive_command()
-    inst.configure(archive_command=cmd)  # type: ignore[attr-defined]
-    inst.reload()  # type: ignore[attr-defined]
+    inst.configure(archive_command=cmd)
+    inst.reload()
     deadline = time.monotonic() + 10
-    while inst.psql("SHOW archive_command") != cmd and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while inst.psql("SHOW archive_command") != cmd and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o755)
     side = EmrdrSide(work, inst)
     side.setup()
-    _archiving(side, None, inst)
+    _archiving(side, inst)
     os.environ["EMRDR_HOME"] = str(side.home)
     node = PgNode(name="pg-primary", port=inst.port, data_dir=inst.data_dir, role="primary")
     print(f"dataset {ds.base.name}: {ds.data_bytes / 1e6:.0f} MB in base/ + global/; "
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{inc.bytes_stored:,} B, files read {inc.files_read}/{inc.files}",
                           flush=True)
             summary = (f"== level {level} workers {workers}: backup median "
-                       f"{statistics.median(b_rates):.0f} MB/s, repo {statistics.median(sizes):,.0f}"
-                       " B")
+                       f"{statistics.median(b_rates):.0f} MB/s, "
+                       f"repo {statistics.median(sizes):,.0f} B")
             if r_rates:
                 summary += f", restore median {statistics.median(r_rates):.0f} MB/s"
             print(summary, flush=True)

@@ -29,10 +29,16 @@ def build_coordinator(service: Service) -> Coordinator:
     """Register handlers and loops; returns the coordinator (tests inspect it)."""
     coordinator = Coordinator(service)
     instance = re.sub(r"[^A-Za-z0-9_-]", "_", service.instance)
-    service.on_command(PromoteNode.subject, coordinator.on_promote)
-    service.on_command(Switchover.subject, coordinator.on_switchover)
-    service.on_command("emrdr.cmd.dr.activate_site", not_built)
-    service.on_command("emrdr.cmd.dr.recover_corruption", not_built)
+
+    async def dr_command(command: Any, ctx: HandlerContext) -> None:
+        if isinstance(command, PromoteNode):
+            await coordinator.on_promote(command, ctx)
+        elif isinstance(command, Switchover):
+            await coordinator.on_switchover(command, ctx)
+        else:
+            await not_built(command, ctx)
+
+    service.on_command("emrdr.cmd.dr.>", dr_command)
     service.on_event(
         ClusterObserved.subject, coordinator.record_observed, durable="dr-coordinator-topology-v1"
     )

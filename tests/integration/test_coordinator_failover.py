@@ -93,10 +93,12 @@ class WriteLoad:
             if conn is None:
                 for n in self.nodes:
                     if await is_writable(n):
-                        with contextlib.suppress(Exception):
+                        try:
                             conn = await _connect(n)
-                            node = n
-                            break
+                        except Exception:
+                            continue
+                        node = n
+                        break
                 if conn is None:
                     await asyncio.sleep(0.05)
                     continue
@@ -107,9 +109,10 @@ class WriteLoad:
                 await asyncio.wait_for(
                     conn.execute("INSERT INTO load (id) VALUES ($1)", i), 1.0
                 )
-            except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            except Exception:  # any failure: this id is not acknowledged; find a writable node
                 self.errors += 1
-                conn.terminate()
+                with contextlib.suppress(Exception):
+                    conn.terminate()
                 conn = None
                 continue
             self.acked.append(i)

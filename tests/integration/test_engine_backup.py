@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import shlex
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from emrdr.pg.lsn import parse_lsn
 from emrdr.pg.osuser import can_exec_as, current_user, ensure_os_user, is_root, make_dir
 from emrdr.pg.sandbox import SandboxCluster
 from emrdr.repo import KeyFileSource, StorageFullError
+from emrdr.repo.chunks import file_checksum
 from emrdr.repo.manifest import FileEntry
 from tests.fixtures.pg import destroy_cluster, fresh_base_dir
 
@@ -205,7 +205,8 @@ async def test_full_backup_lists_every_file_wal_and_canary(env: Env) -> None:
     version = next(f for f in m.files if f.path == "PG_VERSION")
     data = chunk_bytes(env.repo, version)
     assert data == (env.primary.data_dir / "PG_VERSION").read_bytes()
-    assert hashlib.sha256(data).hexdigest() == version.sha256
+    assert version.sha256_of == "chunks"
+    assert file_checksum(data, version.sha256_of) == version.sha256
     # Every WAL segment from start to stop is in the repository.
     for name in wal_range(parse_lsn(m.start_lsn), parse_lsn(m.stop_lsn), m.timeline, 16 << 20):
         assert env.repo.has_wal(name), name

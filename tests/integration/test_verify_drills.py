@@ -219,6 +219,7 @@ def test_a_corrupt_page_that_made_it_into_a_backup_fails_naming_relation_and_blo
     assert world.victim_file in checksums.detail
     amcheck = _by_name(report.checks, C_AMCHECK)
     assert not amcheck.passed and "block 0" in amcheck.detail
+    assert "emr.public.victim" in amcheck.detail
     assert not list(registry_dir(world.settings).glob("*.json"))
     assert last_verification(world.repo, world.b2.backup_id)["passed"] is False  # type: ignore[index]
 
@@ -363,3 +364,88 @@ def test_integrity_names_every_bad_object_and_gap(world: World) -> None:
     assert any(p.kind == "window" for p in full.problems)
     assert set(full.bad_backups()) == {world.b1.backup_id, world.b2.backup_id}
     json.dumps(full.to_json())
+
+
+# --- the verifier service -------------------------------------------------------------------
+
+
+async def test_the_verifier_service_answers_verify_and_integrity_commands(
+    world: World, bootstrapped: str
+) -> None:
+    from emrdr.bus.issue import issue_and_follow
+    from emrdr.bus.runtime import Service
+    from emrdr.config import NatsSettings, ServiceSettings
+    from emrdr.messages.commands import CheckIntegrity, StartVerification
+    from emrdr.messages.events import IntegrityCheckFailed, IntegrityChecked, VerificationPassed
+    from emrdr.security import TrustStore, ensure_identity
+    from services.verifier.app import attach
+
+    settings = world.settings.model_copy(update={
+        "nats": NatsSettings(url=bootstrapped),
+        "service": ServiceSettings(heartbeat_seconds=1.0, retry_backoff_s=0.2),
+    })
+    operator = ensure_identity(settings.keys_dir, "dba.jane", "dba",
+                               TrustStore(settings.keys_dir / "trust"))
+    service = Service("verifier", settings, instance="verifier-test")
+    attach(service)
+    await service.start()
+    try:
+        followed = await issue_and_follow(
+            settings, operator, StartVerification(issuer=operator.issuer,
+                                                  backup_id=world.b1.backup_id), timeout=120)
+        final = followed.final
+        assert isinstance(final, VerificationPassed), final
+        assert [e.type for e in followed.events][-2:] == ["VerificationStarted",
+                                                          "VerificationPassed"]
+        assert [c.name for c in final.checks] == list(CHECK_NAMES)
+        assert final.restore_seconds > 0 and final.bytes_restored > 0
+        assert service.registry.get_sample_value("emrdr_restore_drill_seconds") == pytest.approx(
+            final.restore_seconds, abs=0.01)
+        assert service.registry.get_sample_value(
+            "emrdr_verifications_total", {"result": "passed"}) == 1.0
+
+        ok = await issue_and_follow(settings, operator, CheckIntegrity(
+            issuer=operator.issuer, comprehensive=True), timeout=120)
+        assert isinstance(ok.final, IntegrityChecked) and ok.final.ok, ok.final
+    finally:
+        await service.stop()
+
+    bad_settings, _, root = copy_repo(world, "service-integrity")
+    cid, _ = _b1_chunk(world)
+    (root / chunk_key(cid)).unlink()
+    bad_settings = bad_settings.model_copy(update={"nats": settings.nats,
+                                                   "service": settings.service})
+    service = Service("verifier", bad_settings, instance="verifier-test-2")
+    attach(service)
+    await service.start()
+    try:
+        failed = await issue_and_follow(bad_settings, operator, CheckIntegrity(
+            issuer=operator.issuer), timeout=120)
+        assert isinstance(failed.final, IntegrityCheckFailed), failed.final
+        assert any(chunk_key(cid) in p for p in failed.final.problems)
+        assert world.b1.backup_id in failed.final.bad_backups
+    finally:
+        await service.stop()
+
+
+def test_integrity_check_cli_runs_locally_and_fails_on_a_problem(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emrdr.cli.main import main
+    from emrdr.config import reload_settings
+
+    settings, _, root = copy_repo(world, "cli")
+    monkeypatch.setenv("EMRDR_HOME", str(settings.home))
+    monkeypatch.setenv("EMRDR_REPO__PATH", str(root))
+    monkeypatch.setenv("EMRDR_REPO__PASSPHRASE_ENV", PASS_ENV)
+    reload_settings()
+    try:
+        assert main(["integrity-check", "--local"]) == 0
+        (root / wal_key(world.b1.stop_wal)).unlink()
+        assert main(["integrity-check", "--local", "--json"]) == 1
+        out = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+        assert out["ok"] is False and world.b1.backup_id in out["bad_backups"]
+        assert any(p["object"] == world.b1.stop_wal for p in out["problems"])
+    finally:
+        monkeypatch.undo()
+        reload_settings()

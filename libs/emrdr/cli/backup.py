@@ -47,11 +47,14 @@ def list_backups() -> list[dict[str, Any]]:
     """Every complete backup (read from the repository), oldest first."""
     from emrdr.config import get_settings
     from emrdr.engine.repository import open_repository
+    from emrdr.verify.drill import verification_records
 
     repo = open_repository(get_settings())
+    verifications = verification_records(repo)
     rows: list[dict[str, Any]] = []
     for backup_id in repo.backup_ids():
         m = repo.read_manifest(backup_id)
+        record = verifications.get(backup_id)
         rows.append(
             {
                 "backup_id": m.backup_id,
@@ -73,9 +76,33 @@ def list_backups() -> list[dict[str, Any]]:
                 "retention_days": m.retention_days,
                 "key_id": m.key_id,
                 "source_node": m.source_node,
+                "last_verification": _verification_summary(record),
             }
         )
     return rows
+
+
+def _verification_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The last restore drill of a backup, as ``backups list`` shows it."""
+    if record is None:
+        return None
+    return {
+        "at": record.get("started_at"),
+        "passed": record.get("passed") is True,
+        "restore_seconds": record.get("restore_seconds"),
+        "failed_checks": [c.get("name") for c in record.get("checks", []) if not c.get("passed")],
+        "error": record.get("error"),
+        "record": record.get("key"),
+    }
+
+
+def _verification_text(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "never"
+    when = str(summary.get("at") or "")[:16].replace("T", " ")
+    if summary["passed"]:
+        return f"passed {when} ({summary.get('restore_seconds') or 0:.0f} s)"
+    return f"FAILED {when}"
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -95,7 +122,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'backup':<22} {'kind':<11} {'stopped (UTC)':<20} {'source MB':>10} "
-        f"{'stored MB':>10} {'tl':>3}  flags"
+        f"{'stored MB':>10} {'tl':>3}  {'last verification':<30} flags"
     )
     for r in rows:
         flags = ",".join(
@@ -104,6 +131,6 @@ def run_list(args: argparse.Namespace) -> int:
         print(
             f"{r['backup_id']:<22} {r['kind']:<11} {r['stopped_at'][:19]:<20} "
             f"{r['bytes_source'] / 1e6:>10.1f} {r['bytes_stored'] / 1e6:>10.1f} "
-            f"{r['timeline']:>3}  {flags}"
+            f"{r['timeline']:>3}  {_verification_text(r['last_verification']):<30} {flags}"
         )
     return 0

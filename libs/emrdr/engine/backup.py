@@ -9,8 +9,11 @@ The procedure, in the order :func:`run_backup` reads:
 4. list the data directory (skipping what ``pg_basebackup`` skips), plan each file: *reuse*
    the parent's chunk list for a file whose size and mtime are unchanged and whose mtime is
    older than the parent's start minus a safety margin, *read* everything else;
-5. read files in parallel: SHA-256, 1 MiB chunks into the chunk store (dedup), page checksums
-   of relation files (a bad page makes the backup *degraded*, naming relation and block);
+5. read files in parallel, big ones in 4 MiB units on every worker at once, small ones in
+   batches: page checksums of relation files (a bad page makes the backup *degraded*, naming
+   relation and block), 1 MiB chunks hashed once (SHA-256: the chunk id is keyed on it and the
+   file checksum is built from it), compressed and sealed on the workers and written by a chunk
+   session's I/O threads (dedup; every chunk durable before the manifest);
 6. write the canary row on the primary (waiting for a standby source to replay it), record EMR
    row counts, ``pg_backup_stop`` (not waiting for the archiver: step 7 waits for more);
 7. upload spooled WAL in-process until every segment from start to stop is in the repository;
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import re
 import stat
@@ -41,12 +43,19 @@ from typing import Literal
 import asyncpg
 
 from emrdr.config import PgNode, Settings
-from emrdr.engine.pagecheck import BLCKSZ, first_block_of, is_checksummed_file, verify_pages
+from emrdr.engine.pagecheck import (
+    BLCKSZ,
+    bad_pages_of_files,
+    first_block_of,
+    is_checksummed_file,
+    verify_pages,
+)
 from emrdr.engine.repository import Repository
 from emrdr.engine.wal import upload_spool
 from emrdr.pg import emr_seed
 from emrdr.pg.lsn import format_lsn, parse_lsn, segment_name_from_number
-from emrdr.repo import DEFAULT_CHUNK_SIZE, RepoError, split
+from emrdr.repo import DEFAULT_CHUNK_SIZE, ChunkRef, RepoError
+from emrdr.repo.chunks import ChunkSession, checksum_of_digests
 from emrdr.repo.manifest import FileEntry, Manifest, backup_id_for, started_key
 
 __all__ = [
@@ -304,66 +313,142 @@ class _Totals:
     read: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def add(self, refs: list[ChunkRef], on_progress: ProgressFn | None) -> None:
+        n = sum(r.raw_size for r in refs)
+        with self.lock:
+            self.done += n
+            self.read += n
+            self.stored += sum(r.stored_size for r in refs if r.new)
+            done, total = self.done, max(self.total, self.done)
+        if on_progress is not None:
+            on_progress(done, total)
+
+
+#: Files bigger than this are read in units of this many bytes (whole chunks), one worker task
+#: each, so the units of one 1 GiB relation segment are compressed on every core at once.
+READ_UNIT = 4 * DEFAULT_CHUNK_SIZE
+#: Smaller files are read up to this many per task, their pages checked in one pass.
+SMALL_BATCH_FILES = 64
+#: Threads writing chunk objects: fsync latency overlaps the hashing and compression.
+IO_THREADS = 4
+
+
+@dataclass
+class _Piece:
+    """What reading one part of a file gave: its chunks, bad blocks, whether it was all there."""
+
+    chunks: list[ChunkRef] = field(default_factory=list)
+    failures: list[int] = field(default_factory=list)
+    complete: bool = True
+    vanished: bool = False
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes | None:
+    """``length`` bytes at ``offset`` (fewer at the end of the file); None if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.pread(fd, length, offset)
+        while 0 < len(data) < length:
+            more = os.pread(fd, length - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
 
 def _reverify(path: Path, block_in_file: int, block: int, skip_lsn_from: int | None) -> bool:
     """Re-read one page (it may have been read while being written); True if it is bad."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(block_in_file * BLCKSZ)
-            page = fh.read(BLCKSZ)
-    except FileNotFoundError:
-        return False
-    return len(page) == BLCKSZ and bool(verify_pages(page, block, skip_lsn_from))
+    page = _pread(path, block_in_file * BLCKSZ, BLCKSZ)
+    return page is not None and len(page) == BLCKSZ and bool(
+        verify_pages(page, block, skip_lsn_from)
+    )
 
 
-def read_file(
-    repo: Repository,
-    source: SourceFile,
-    *,
-    skip_lsn_from: int | None,
-    totals: _Totals,
-    on_progress: ProgressFn | None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> FileEntry | None:
-    """Hash, chunk and store one file, checking page checksums; None if it vanished."""
-    digest = hashlib.sha256()
-    chunks: list[str] = []
-    failures: list[int] = []
-    checked = is_checksummed_file(source.path)
-    base_block = first_block_of(source.path) if checked else 0
-    offset = 0
-    try:
-        fh = source.abs_path.open("rb")
-    except FileNotFoundError:
+def _store(session: ChunkSession, data: bytes, chunk_size: int) -> list[ChunkRef]:
+    view = memoryview(data)
+    return [session.put(view[i : i + chunk_size]) for i in range(0, len(view), chunk_size)]
+
+
+def _read_unit(
+    session: ChunkSession, source: SourceFile, offset: int, length: int, *,
+    skip_lsn_from: int | None, chunk_size: int, totals: _Totals, on_progress: ProgressFn | None,
+) -> _Piece:
+    """Read, check and store ``length`` bytes of a big file from ``offset``."""
+    data = _pread(source.abs_path, offset, length)
+    if data is None:
+        return _Piece(vanished=True)
+    piece = _Piece(complete=len(data) == length)
+    if is_checksummed_file(source.path):
+        base = first_block_of(source.path)
+        first = base + offset // BLCKSZ
+        for bad in verify_pages(data, first, skip_lsn_from):
+            if _reverify(source.abs_path, bad.block - base, bad.block, skip_lsn_from):
+                piece.failures.append(bad.block)
+    piece.chunks = _store(session, data, chunk_size)
+    totals.add(piece.chunks, on_progress)
+    return piece
+
+
+def _read_small(
+    session: ChunkSession, sources: list[SourceFile], *,
+    skip_lsn_from: int | None, chunk_size: int, totals: _Totals, on_progress: ProgressFn | None,
+) -> list[_Piece]:
+    """Read, check and store several small files whole (one page-check pass for all)."""
+    datas = [_pread(s.abs_path, 0, s.size) for s in sources]
+    pieces = [
+        _Piece(vanished=True) if d is None else _Piece(complete=len(d) == s.size)
+        for s, d in zip(sources, datas, strict=True)
+    ]
+    checked = [
+        (i, d) for i, (s, d) in enumerate(zip(sources, datas, strict=True))
+        if d is not None and is_checksummed_file(s.path)
+    ]
+    parts = [(d, first_block_of(sources[i].path)) for i, d in checked]
+    for part, block in bad_pages_of_files(parts, skip_lsn_from):
+        i = checked[part][0]
+        base = parts[part][1]
+        if _reverify(sources[i].abs_path, block - base, block, skip_lsn_from):
+            pieces[i].failures.append(block)
+    for piece, data in zip(pieces, datas, strict=True):
+        if data is not None:
+            piece.chunks = _store(session, data, chunk_size)
+            totals.add(piece.chunks, on_progress)
+    return pieces
+
+
+def _entry_from(source: SourceFile, pieces: list[_Piece], chunk_size: int) -> FileEntry | None:
+    """The manifest entry of a file read in ``pieces`` (None if it vanished meanwhile).
+
+    A file that ended early (truncated while read) is kept up to its first short chunk: WAL
+    replay redoes the truncation, as it redoes any change made during the backup."""
+    if any(p.vanished for p in pieces):
         return None
-    with fh:
-        for block in split(fh, chunk_size):
-            digest.update(block)
-            ref = repo.chunks.put(block)
-            chunks.append(ref.id)
-            if checked:
-                first = base_block + offset // BLCKSZ
-                for bad in verify_pages(block, first, skip_lsn_from):
-                    in_file = bad.block - base_block
-                    if _reverify(source.abs_path, in_file, bad.block, skip_lsn_from):
-                        failures.append(bad.block)
-            offset += len(block)
-            with totals.lock:
-                totals.done += len(block)
-                totals.read += len(block)
-                if ref.new:
-                    totals.stored += ref.stored_size
-                done, total = totals.done, max(totals.total, totals.done)
-            if on_progress is not None:
-                on_progress(done, total)
+    refs: list[ChunkRef] = []
+    failures: list[int] = []
+    for piece in pieces:
+        failures.extend(piece.failures)
+        short = False
+        for ref in piece.chunks:
+            refs.append(ref)
+            if ref.raw_size < chunk_size:
+                short = True
+                break
+        if short or not piece.complete:
+            break
     return FileEntry(
         path=source.path,
-        size=offset,
+        size=sum(r.raw_size for r in refs),
         mode=source.mode,
         mtime=source.mtime,
-        sha256=digest.hexdigest(),
-        chunks=chunks,
-        checksum_failures=failures,
+        sha256=checksum_of_digests(r.digest for r in refs),
+        sha256_of="chunks",
+        chunks=[r.id for r in refs],
+        checksum_failures=sorted(set(failures)),
     )
 
 
@@ -379,10 +464,17 @@ def copy_files(
     workers: int,
     skip_lsn_from: int | None,
     on_progress: ProgressFn | None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[list[FileEntry], _Totals]:
-    """Read the planned files in parallel (largest first); reused files are not opened."""
-    total = sum(p.source.size for p in plan)
-    totals = _Totals(total=total)
+    """Read the planned files on ``workers`` threads (reused files are not opened).
+
+    Big files are cut into :data:`READ_UNIT` tasks (largest files first), small ones batched;
+    each task reads, checks pages, hashes, compresses and seals (all GIL-free in C), and
+    hands the objects to the chunk session's writer threads.  Returns only once every new
+    chunk is durable."""
+    if READ_UNIT % chunk_size:
+        raise ValueError(f"chunk size {chunk_size} does not divide the read unit {READ_UNIT}")
+    totals = _Totals(total=sum(p.source.size for p in plan))
     entries: dict[str, FileEntry] = {}
     for p in plan:
         if p.action == "reuse":
@@ -390,31 +482,68 @@ def copy_files(
             with totals.lock:
                 totals.done += p.source.size
     to_read = sorted(
-        (p.source for p in plan if p.action == "read"), key=lambda s: s.size, reverse=True
+        (p.source for p in plan if p.action == "read"), key=lambda s: (-s.size, s.path)
     )
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-read") as pool:
-        futures: dict[Future[FileEntry | None], SourceFile] = {
-            pool.submit(
-                read_file, repo, s, skip_lsn_from=skip_lsn_from, totals=totals,
-                on_progress=on_progress,
-            ): s
-            for s in to_read
-        }
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in pending:
-            fut.cancel()
-        for fut in done:
-            exc = fut.exception()
-            if exc is not None:
-                for other in pending:
-                    with contextlib.suppress(Exception):
-                        other.result()
-                raise exc
-        for fut, source in futures.items():
-            entry = fut.result()
-            if entry is not None:
-                entries[source.path] = entry
+    big = [s for s in to_read if s.size > READ_UNIT]
+    small = [s for s in to_read if s.size <= READ_UNIT]
+    pieces: dict[str, list[_Piece | None]] = {}
+
+    def unit(session: ChunkSession, s: SourceFile, index: int) -> None:
+        pieces[s.path][index] = _read_unit(
+            session, s, index * READ_UNIT, min(READ_UNIT, s.size - index * READ_UNIT),
+            skip_lsn_from=skip_lsn_from, chunk_size=chunk_size, totals=totals,
+            on_progress=on_progress,
+        )
+
+    def batch(session: ChunkSession, group: list[SourceFile]) -> None:
+        read = _read_small(
+            session, group, skip_lsn_from=skip_lsn_from, chunk_size=chunk_size, totals=totals,
+            on_progress=on_progress,
+        )
+        for s, piece in zip(group, read, strict=True):
+            pieces[s.path][0] = piece
+
+    with (
+        repo.chunks.session(io_threads=IO_THREADS) as session,
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-read") as pool,
+    ):
+        futures: list[Future[None]] = []
+        for s in big:
+            count = -(-s.size // READ_UNIT)
+            pieces[s.path] = [None] * count
+            futures.extend(pool.submit(unit, session, s, i) for i in range(count))
+        group: list[SourceFile] = []
+        group_bytes = 0
+        for s in small:
+            pieces[s.path] = [None]
+            group.append(s)
+            group_bytes += s.size
+            if len(group) >= SMALL_BATCH_FILES or group_bytes >= READ_UNIT:
+                futures.append(pool.submit(batch, session, group))
+                group, group_bytes = [], 0
+        if group:
+            futures.append(pool.submit(batch, session, group))
+        _wait_all(futures)
+    for s in to_read:
+        done = [p for p in pieces[s.path] if p is not None]
+        entry = _entry_from(s, done, chunk_size) if len(done) == len(pieces[s.path]) else None
+        if entry is not None:
+            entries[s.path] = entry
     return [entries[k] for k in sorted(entries)], totals
+
+
+def _wait_all(futures: list[Future[None]]) -> None:
+    """Wait for ``futures``; on the first failure cancel the rest and raise it."""
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    for fut in done:
+        exc = fut.exception()
+        if exc is not None:
+            for other in pending:
+                other.cancel()
+            for other in pending:
+                with contextlib.suppress(BaseException):
+                    other.result()
+            raise exc
 
 
 # --- the procedure -------------------------------------------------------------------------

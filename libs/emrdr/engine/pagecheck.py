@@ -18,6 +18,7 @@ written during the backup, may be read torn, and is replaced by its full-page im
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,8 @@ __all__ = [
     "BLCKSZ",
     "RELSEG_SIZE",
     "PageVerdict",
+    "bad_pages",
+    "bad_pages_of_files",
     "checksum_pages",
     "first_block_of",
     "is_checksummed_file",
@@ -89,20 +92,38 @@ def _as_pages(data: bytes | bytearray | memoryview) -> npt.NDArray[np.uint8]:
     return np.frombuffer(data, dtype=np.uint8, count=whole).reshape(-1, BLCKSZ)
 
 
+Blocks = int | npt.NDArray[np.integer]
+"""The block number of each page: the first page's (consecutive pages) or one per page."""
+
+
+def _block_numbers(blocks: Blocks, n: int) -> npt.NDArray[np.uint32]:
+    if isinstance(blocks, int | np.integer):
+        return (np.arange(n, dtype=np.uint64) + np.uint64(int(blocks))).astype(np.uint32)
+    arr = np.asarray(blocks)
+    if arr.shape != (n,):
+        raise ValueError(f"{arr.shape[0] if arr.ndim else 0} block numbers for {n} pages")
+    return arr.astype(np.uint32)
+
+
 def checksum_pages(
-    data: bytes | bytearray | memoryview, first_block: int
+    data: bytes | bytearray | memoryview, first_block: Blocks
 ) -> npt.NDArray[np.uint16]:
     """The checksum PostgreSQL would store in each whole page of ``data`` (a trailing partial
-    page is ignored); page ``i`` is block ``first_block + i``."""
-    pages = _as_pages(data).copy()
-    pages[:, _CHECKSUM_OFFSET : _CHECKSUM_OFFSET + 2] = 0
-    words = pages.view("<u4").reshape(-1, _ROWS, N_SUMS)
-    n = words.shape[0]
-    sums = np.broadcast_to(_BASE_OFFSETS, (n, N_SUMS)).copy()
+    page is ignored); page ``i`` is block ``first_block + i`` (or ``first_block[i]`` when an
+    array of block numbers is given, for pages gathered from several files)."""
+    n = len(data) // BLCKSZ
+    words = np.frombuffer(data, dtype="<u4", count=n * _ROWS * N_SUMS).reshape(n, _ROWS, N_SUMS)
+    # pd_checksum (bytes 8-9) is the low half of word 2 of row 0: it counts as zero.
+    row0 = words[:, 0, :].copy()
+    row0[:, _CHECKSUM_OFFSET // 4] &= np.uint32(0xFFFF0000)
+    sums = np.empty((n, N_SUMS), dtype=np.uint32)
+    sums[...] = _BASE_OFFSETS
     tmp = np.empty_like(sums)
     shifted = np.empty_like(sums)
     for row in range(_ROWS + 2):
-        if row < _ROWS:
+        if row == 0:
+            np.bitwise_xor(sums, row0, out=tmp)
+        elif row < _ROWS:
             np.bitwise_xor(sums, words[:, row, :], out=tmp)
         else:
             tmp[...] = sums
@@ -110,8 +131,7 @@ def checksum_pages(
         np.multiply(tmp, FNV_PRIME, out=sums)
         np.bitwise_xor(sums, shifted, out=sums)
     folded = np.bitwise_xor.reduce(sums, axis=1)
-    blocks = (np.arange(n, dtype=np.uint64) + np.uint64(first_block)).astype(np.uint32)
-    folded ^= blocks
+    folded ^= _block_numbers(first_block, n)
     return ((folded % np.uint32(65535)) + np.uint32(1)).astype(np.uint16)
 
 
@@ -122,11 +142,11 @@ def page_checksum(page: bytes, block: int) -> int:
     return int(checksum_pages(page, block)[0])
 
 
-def verify_pages(
-    data: bytes | bytearray | memoryview, first_block: int, skip_lsn_from: int | None = None
-) -> list[PageVerdict]:
-    """Pages of ``data`` whose stored checksum is wrong (new pages and, with ``skip_lsn_from``,
-    pages with an LSN at or after it are not checked)."""
+def bad_pages(
+    data: bytes | bytearray | memoryview, blocks: Blocks, skip_lsn_from: int | None = None
+) -> list[tuple[int, int, int]]:
+    """``(page index, stored, computed)`` of each whole page of ``data`` whose checksum is wrong
+    (new pages and, with ``skip_lsn_from``, pages with an LSN at or after it are skipped)."""
     pages = _as_pages(data)
     if pages.shape[0] == 0:
         return []
@@ -139,8 +159,47 @@ def verify_pages(
     if not checked.any():
         return []
     stored = pages[:, _CHECKSUM_OFFSET : _CHECKSUM_OFFSET + 2].copy().view("<u2").ravel()
-    computed = checksum_pages(data, first_block)
+    computed = checksum_pages(data, blocks)
     bad = np.nonzero(checked & (stored != computed))[0]
+    return [(int(i), int(stored[i]), int(computed[i])) for i in bad]
+
+
+def verify_pages(
+    data: bytes | bytearray | memoryview, first_block: int, skip_lsn_from: int | None = None
+) -> list[PageVerdict]:
+    """Pages of ``data`` whose stored checksum is wrong (new pages and, with ``skip_lsn_from``,
+    pages with an LSN at or after it are not checked)."""
     return [
-        PageVerdict(first_block + int(i), int(stored[i]), int(computed[i])) for i in bad
+        PageVerdict(first_block + i, stored, computed)
+        for i, stored, computed in bad_pages(data, first_block, skip_lsn_from)
     ]
+
+
+def bad_pages_of_files(
+    parts: Sequence[tuple[bytes | bytearray | memoryview, int]], skip_lsn_from: int | None = None
+) -> list[tuple[int, int]]:
+    """``(part index, block)`` of each bad page of several files' contents (``(data, block of
+    its first page)`` each), checked in one pass over all their whole pages (small files)."""
+    datas: list[bytes | bytearray | memoryview] = []
+    blocks: list[npt.NDArray[np.uint64]] = []
+    starts: list[int] = []
+    owners: list[int] = []
+    pages = 0
+    for index, (data, first_block) in enumerate(parts):
+        n = len(data) // BLCKSZ
+        if n == 0:
+            continue
+        datas.append(memoryview(data)[: n * BLCKSZ])
+        blocks.append(np.arange(n, dtype=np.uint64) + np.uint64(first_block))
+        starts.append(pages)
+        owners.append(index)
+        pages += n
+    if not datas:
+        return []
+    joined = datas[0] if len(datas) == 1 else b"".join(datas)
+    all_blocks = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    out: list[tuple[int, int]] = []
+    for i, _stored, _computed in bad_pages(joined, all_blocks, skip_lsn_from):
+        j = int(np.searchsorted(np.asarray(starts), i, side="right")) - 1
+        out.append((owners[j], int(all_blocks[i])))
+    return out

@@ -6,9 +6,12 @@ The procedure, in order (:func:`restore_backup`):
    manifest (authenticated; one bad copy is survivable, two name the manifest);
 2. refuse a target directory that is not empty; mark it ``EMRDR_RESTORE_FAILED`` ("in progress")
    until the very end, so an interrupted restore is never mistaken for a good one;
-3. write every file in parallel: chunks are fetched, authenticated, decrypted, decompressed and
-   re-hashed; each file's SHA-256 is checked against the manifest.  ``global/pg_control`` is
-   written last: without it PostgreSQL refuses to start a half-restored directory;
+3. write every file in parallel (the chunks of a big file on every worker at once): chunks are
+   fetched, authenticated, decrypted, decompressed and re-hashed (one SHA-256 pass gives both
+   the chunk id check and the file checksum), written at their offsets; each file's size and
+   checksum are checked against the manifest.  Files are not fsynced: PostgreSQL syncs the
+   whole data directory when it starts recovering a backup.  ``global/pg_control`` is written
+   last: without it PostgreSQL refuses to start a half-restored directory;
 4. create the empty directories PostgreSQL needs, write ``backup_label``, the recovery settings
    (appended to ``postgresql.auto.conf``, which is read last) and ``recovery.signal``;
 5. stage the WAL that recovery needs: decrypted in parallel by this process (the PostgreSQL OS
@@ -57,6 +60,7 @@ from emrdr.pg.lsn import (
 )
 from emrdr.pg.osuser import OsUser, can_access_as, chown_tree, ensure_os_user, make_dir, run_as
 from emrdr.repo import IntegrityError, ObjectNotFound, chunk_key
+from emrdr.repo.chunks import checksum_of_digests
 from emrdr.repo.manifest import FileEntry, Manifest
 
 __all__ = [
@@ -256,42 +260,127 @@ class _Progress:
             self._callback(done, self.total)
 
 
-def _write_file(repo: Repository, root: Path, entry: FileEntry, progress: _Progress) -> int:
-    """Write one file from its chunks and check its size and SHA-256; returns its size."""
-    dest = _safe_path(root, entry.path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    written = 0
-    with dest.open("wb") as fh:
-        for cid in entry.chunks:
-            try:
-                data = repo.chunks.get(cid)
-            except ObjectNotFound:
-                raise RestoreError(
-                    f"chunk {cid} of file {entry.path} is missing from the repository "
-                    f"(object {chunk_key(cid)})"
-                ) from None
-            except (IntegrityError, ValueError) as exc:
-                raise RestoreError(
-                    f"chunk {cid} of file {entry.path} failed verification "
-                    f"(object {chunk_key(cid)}): {exc}"
-                ) from exc
-            digest.update(data)
-            fh.write(data)
-            written += len(data)
-            progress.add(len(data))
-    if written != entry.size:
-        raise RestoreError(
-            f"file {entry.path}: restored {written} bytes, the manifest says {entry.size}"
+#: Chunks fetched, decrypted, decompressed and written per task: the chunks of one big file are
+#: restored on every worker at once.
+RESTORE_GROUP = 4
+
+
+class _FileState:
+    """One file being restored by one or more tasks; the last to finish checks and closes it."""
+
+    def __init__(self, root: Path, entry: FileEntry, chunk_size: int) -> None:
+        self.entry = entry
+        self.dest = _safe_path(root, entry.path)
+        self.chunk_size = chunk_size
+        self.digests: list[bytes] = [b""] * len(entry.chunks)
+        self.sizes: list[int] = [0] * len(entry.chunks)
+        self.parallel = entry.sha256_of == "chunks" and len(entry.chunks) > RESTORE_GROUP
+        self.groups = -(-len(entry.chunks) // RESTORE_GROUP) if self.parallel else 1
+        self._lock = threading.Lock()
+
+    def tasks(self, repo: Repository, progress: _Progress) -> list[Callable[[], int]]:
+        if not self.parallel:
+            return [functools.partial(self._whole, repo, progress)]
+        return [
+            functools.partial(self._group, repo, progress, g * RESTORE_GROUP)
+            for g in range(self.groups)
+        ]
+
+    def _fetch(self, repo: Repository, cid: str) -> tuple[bytes, bytes]:
+        try:
+            return repo.chunks.get_with_digest(cid)
+        except ObjectNotFound:
+            raise RestoreError(
+                f"chunk {cid} of file {self.entry.path} is missing from the repository "
+                f"(object {chunk_key(cid)})"
+            ) from None
+        except (IntegrityError, ValueError) as exc:
+            raise RestoreError(
+                f"chunk {cid} of file {self.entry.path} failed verification "
+                f"(object {chunk_key(cid)}): {exc}"
+            ) from exc
+
+    def _group(self, repo: Repository, progress: _Progress, first: int) -> int:
+        """Write chunks ``first``.. of the group at their offsets (files of whole chunks)."""
+        last = min(first + RESTORE_GROUP, len(self.entry.chunks))
+        written = 0
+        fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            for i in range(first, last):
+                data, digest = self._fetch(repo, self.entry.chunks[i])
+                if i < len(self.entry.chunks) - 1 and len(data) != self.chunk_size:
+                    raise RestoreError(
+                        f"chunk {self.entry.chunks[i]} of file {self.entry.path} holds "
+                        f"{len(data)} bytes, the manifest's chunk size is {self.chunk_size}"
+                    )
+                _pwrite_all(fd, data, i * self.chunk_size)
+                self.digests[i], self.sizes[i] = digest, len(data)
+                written += len(data)
+                progress.add(len(data))
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.groups -= 1
+            finished = self.groups == 0
+        if finished:
+            self._finish(sum(self.sizes), checksum_of_digests(self.digests))
+        return written
+
+    def _whole(self, repo: Repository, progress: _Progress) -> int:
+        """Write the file sequentially (small files, and checksums of the whole content)."""
+        whole = hashlib.sha256() if self.entry.sha256_of == "content" else None
+        written = 0
+        fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for i, cid in enumerate(self.entry.chunks):
+                data, digest = self._fetch(repo, cid)
+                _pwrite_all(fd, data, written)
+                if whole is not None:
+                    whole.update(data)
+                self.digests[i] = digest
+                written += len(data)
+                progress.add(len(data))
+        finally:
+            os.close(fd)
+        self._finish(
+            written, whole.hexdigest() if whole is not None else checksum_of_digests(self.digests)
         )
-    if digest.hexdigest() != entry.sha256:
-        raise RestoreError(
-            f"file {entry.path}: SHA-256 {digest.hexdigest()} does not match the manifest's "
-            f"{entry.sha256}"
-        )
-    dest.chmod(entry.mode & 0o7777)
-    os.utime(dest, (entry.mtime, entry.mtime))
-    return written
+        return written
+
+    def _finish(self, written: int, checksum: str) -> None:
+        entry = self.entry
+        if written != entry.size:
+            raise RestoreError(
+                f"file {entry.path}: restored {written} bytes, the manifest says {entry.size}"
+            )
+        if checksum != entry.sha256:
+            raise RestoreError(
+                f"file {entry.path}: checksum ({entry.sha256_of}) {checksum} does not match "
+                f"the manifest's {entry.sha256}"
+            )
+        os.chmod(self.dest, entry.mode & 0o7777)
+        os.utime(self.dest, (entry.mtime, entry.mtime))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_files(
+    repo: Repository, root: Path, entries: list[FileEntry], chunk_size: int,
+    progress: _Progress, workers: int,
+) -> int:
+    """Restore ``entries`` on ``workers`` threads (chunks of big files in parallel); every
+    file's size and checksum are checked.  Not fsynced: PostgreSQL syncs the whole data
+    directory when it starts recovery from a backup (``recovery_init_sync_method``)."""
+    states = [_FileState(root, e, chunk_size) for e in entries]
+    for parent in sorted({s.dest.parent for s in states}):
+        parent.mkdir(parents=True, exist_ok=True)
+    tasks = [t for s in states for t in s.tasks(repo, progress)]
+    return _run_parallel(tasks, workers)
 
 
 def _run_parallel(tasks: list[Callable[[], int]], workers: int) -> int:
@@ -403,9 +492,8 @@ def restore_backup(
         progress = _Progress(sum(e.size for e in entries), on_progress)
         for rel in PG_EMPTY_DIRS:
             (target_dir / rel).mkdir(parents=True, exist_ok=True)
-        restored = _run_parallel(
-            [functools.partial(_write_file, repo, target_dir, e, progress) for e in rest],
-            workers,
+        restored = _write_files(
+            repo, target_dir, rest, manifest.chunk_size, progress, workers
         )
 
         (target_dir / "backup_label").write_text(manifest.backup_label)
@@ -425,7 +513,10 @@ def restore_backup(
         to_stage = wal_to_stage(manifest, target, names, histories)
         wal_bytes = _stage_wal(repo, to_stage, staging, user, workers)
 
-        restored += _write_file(repo, target_dir, control[0], progress)  # last: see docstring
+        # last: see the module docstring
+        restored += _write_files(
+            repo, target_dir, control, manifest.chunk_size, progress, 1
+        )
         for path in target_dir.rglob("*"):
             if path.is_dir():
                 path.chmod(0o700)

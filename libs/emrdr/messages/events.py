@@ -230,6 +230,13 @@ class VerificationPassed(Event):
     restore_seconds: float = Field(description="Measured restore time: the RTO evidence.")
     bytes_restored: int
     throughput_mb_s: float
+    total_seconds: float | None = Field(
+        default=None, description="Whole drill including the checks and cleanup."
+    )
+    reached: str | None = Field(default=None, description="Recovery point the drill reached.")
+    record_key: str | None = Field(
+        default=None, description="Repository object holding the sealed verification record."
+    )
 
 
 @register
@@ -240,6 +247,10 @@ class VerificationFailed(Event):
     checks: list[CheckResult] = Field(default_factory=list)
     error: str
     restore_seconds: float | None = None
+    bytes_restored: int | None = None
+    throughput_mb_s: float | None = None
+    total_seconds: float | None = None
+    record_key: str | None = None
 
 
 @register
@@ -249,6 +260,12 @@ class IntegrityChecked(Event):
     comprehensive: bool
     ok: bool
     problems: list[str] = Field(default_factory=list)
+    backups: int | None = None
+    bad_backups: list[str] = Field(default_factory=list)
+    window_from: datetime | None = Field(
+        default=None, description="Oldest point-in-time recovery target actually covered."
+    )
+    duration_s: float | None = None
 
 
 # --- replication and health ---------------------------------------------------------------
@@ -428,4 +445,62 @@ class NodeRejoinFailed(Event):
     subject: ClassVar[str] = "emrdr.evt.failover.rejoin_failed"
     outcome: ClassVar[Outcome | None] = "failure"
     node: str
+    error: str
+
+
+# --- verification and recovery procedures (issue #4) ---------------------------------------
+
+
+@register
+class IntegrityCheckFailed(Event):
+    """The repository integrity check found problems (each bad object, backup and gap named)."""
+
+    subject: ClassVar[str] = "emrdr.evt.verification.integrity_failed"
+    outcome: ClassVar[Outcome | None] = "failure"
+    comprehensive: bool
+    problems: list[str] = Field(default_factory=list)
+    bad_backups: list[str] = Field(default_factory=list)
+    backups: int | None = None
+    window_from: datetime | None = None
+    duration_s: float | None = None
+    error: str | None = Field(default=None, description="Set when the check could not run.")
+
+
+@register
+class RecoveryStepCompleted(Event):
+    """One step of a recovery procedure (table restore, database copy, corruption runbook)
+    finished, successfully or not."""
+
+    subject: ClassVar[str] = "emrdr.evt.recovery.step"
+    procedure: Literal["database_copy", "table_restore", "recover_corruption"]
+    step: str
+    ok: bool
+    detail: str = ""
+
+
+@register
+class CorruptionRecovered(Event):
+    """Scenario 3 finished: the primary runs on data restored to the point in time (or, with
+    dry_run, the plan was produced)."""
+
+    subject: ClassVar[str] = "emrdr.evt.recovery.corruption_recovered"
+    outcome: ClassVar[Outcome | None] = "success"
+    to_time: datetime
+    dry_run: bool = False
+    backup_id: str | None = None
+    reached: str | None = None
+    plan: list[str] = Field(default_factory=list)
+    damaged_data_dir: str | None = Field(
+        default=None, description="Where the damaged data directory was moved (kept)."
+    )
+
+
+@register
+class CorruptionRecoveryFailed(Event):
+    """Scenario 3 stopped at a failed step; nothing after it was attempted."""
+
+    subject: ClassVar[str] = "emrdr.evt.recovery.corruption_failed"
+    outcome: ClassVar[Outcome | None] = "failure"
+    to_time: datetime
+    step: str
     error: str

@@ -67,7 +67,16 @@ class FileEntry(BaseModel):
     size: int
     mode: int = 0o600
     mtime: float = Field(description="Modification time when read (seconds since the epoch).")
-    sha256: str = Field(description="SHA-256 of the whole file content as backed up.")
+    sha256: str = Field(
+        description="Checksum of the content as backed up: see ``sha256_of``."
+    )
+    sha256_of: Literal["content", "chunks"] = Field(
+        default="content",
+        description="What ``sha256`` is the SHA-256 (hex) of: 'content' = the whole file; "
+        "'chunks' = the concatenated 32-byte SHA-256 digests of its chunks (``chunk_size`` "
+        "pieces) in file order, which backup and restore get from the one hashing pass that "
+        "also names each chunk (emrdr.repo.chunks.file_checksum computes either form).",
+    )
     chunks: list[str] = Field(default_factory=list, description="Chunk ids, in file order.")
     checksum_failures: list[int] = Field(
         default_factory=list, description="Block numbers whose page checksum did not verify."

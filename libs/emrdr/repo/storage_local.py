@@ -6,6 +6,11 @@ clobber each other and the loser compares bytes like any other repeated put -- a
 directory. A crash leaves at most a ``.*.tmp`` file, which listings ignore. Running out of space
 raises :class:`StorageFullError` naming the path and removes the temp file.
 
+Bulk writers (a backup's chunks) use :meth:`LocalStorage.put_new` + :meth:`LocalStorage.sync_dirs`:
+the same durable write and link, but each directory is fsynced once at the end of the batch
+instead of after every object (the file itself is always fsynced before it gets its name, so a
+name never points at unsynced content).
+
 Directories and files get ``dir_mode`` / ``file_mode`` (defaults 0o770 / 0o640, umask ignored)
 and, optionally, ``owner=(uid, gid)``, so PostgreSQL's OS user can run ``archive_command``
 against the same repository as the services.
@@ -16,7 +21,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,6 +83,29 @@ class LocalStorage(Storage):
 
         return self._write_new(target, key, copy, source)
 
+    def put_new(
+        self, key: str, data: bytes | bytearray | memoryview, synced_dirs: set[str]
+    ) -> bool:
+        """:meth:`put` of an object expected to be new, leaving the directory fsync to
+        :meth:`sync_dirs` (its path is added to ``synced_dirs``); not durable until then."""
+        path = self.root / validate_key(key)
+        blob = bytes(data) if not isinstance(data, bytes) else data
+        created = self._write_new(
+            path, key, lambda fd: _write_all(fd, blob), blob, sync_dir=False
+        )
+        synced_dirs.add(str(path.parent))
+        return created
+
+    def sync_dirs(self, dirs: Iterable[str], threads: int = 8) -> None:
+        """fsync directories (from :meth:`put_new`) so the names written into them are durable."""
+        todo = sorted(set(dirs))
+        if len(todo) <= 1:
+            for d in todo:
+                _fsync_dir(Path(d))
+            return
+        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="dir-sync") as pool:
+            list(pool.map(lambda d: _fsync_dir(Path(d)), todo))
+
     def _get(self, key: str) -> bytes:
         try:
             return (self.root / key).read_bytes()
@@ -130,7 +159,8 @@ class LocalStorage(Storage):
         return False
 
     def _write_new(
-        self, path: Path, key: str, write: Callable[[int], None], source: bytes | Path
+        self, path: Path, key: str, write: Callable[[int], None], source: bytes | Path,
+        *, sync_dir: bool = True,
     ) -> bool:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -156,7 +186,8 @@ class LocalStorage(Storage):
                 return False
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            if sync_dir:
+                _fsync_dir(path.parent)
             return True
         except OSError as exc:
             tmp.unlink(missing_ok=True)

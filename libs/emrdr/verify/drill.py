@@ -56,6 +56,7 @@ __all__ = [
     "CHECK_NAMES",
     "DrillError",
     "DrillReport",
+    "canary_check",
     "classify_restore_error",
     "last_verification",
     "record_verification",
@@ -278,7 +279,7 @@ def _emr_database(settings: Settings, port: int) -> str:
     return settings.pg.database if settings.pg.database in dbs else "postgres"
 
 
-def _canary_check(settings: Settings, port: int, manifest: Manifest) -> CheckResult:
+def canary_check(settings: Settings, port: int, manifest: Manifest) -> CheckResult:
     if not manifest.canary_written:
         return CheckResult(name=C_CANARY, passed=False,
                            detail="the backup recorded no canary row, so recovery up to its end "
@@ -421,9 +422,9 @@ def _in_sandbox(
         return
     checkpoint()
     relations = pgcheck.relation_map(settings, inst.port)
-    add(pgcheck.amcheck_check(settings, inst.port, name=C_AMCHECK))
+    add(pgcheck.amcheck_check(settings, inst.port, name=C_AMCHECK, relations=relations))
     checkpoint()
-    add(_canary_check(settings, inst.port, manifest))
+    add(canary_check(settings, inst.port, manifest))
     add(_counts_check(settings, inst.port, manifest))
     stop_restored(settings, inst.data_dir, user, mode="fast")
     checkpoint()

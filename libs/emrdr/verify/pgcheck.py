@@ -27,6 +27,7 @@ __all__ = [
     "database_exists",
     "describe_bad_block",
     "list_databases",
+    "name_relations",
     "parse_amcheck",
     "parse_checksum_failures",
     "psql",
@@ -219,9 +220,21 @@ def relation_map(settings: Settings, port: int, host: str = "127.0.0.1") -> dict
     return out
 
 
+_REL_FILE_RE = re.compile(r"relation (base/\d+/\d+)")
+
+
+def name_relations(finding: str, relations: Mapping[str, str]) -> str:
+    """Append the relation's name to ``... of relation base/16384/16457``."""
+    m = _REL_FILE_RE.search(finding)
+    if m and m.group(1) in relations:
+        return f"{finding} ({relations[m.group(1)]})"
+    return finding
+
+
 def amcheck_check(
     settings: Settings, port: int, host: str = "127.0.0.1", databases: list[str] | None = None,
     jobs: int = 2, timeout: float = 3600.0, name: str = "pg_amcheck --heapallindexed",
+    relations: Mapping[str, str] | None = None,
 ) -> CheckResult:
     """``pg_amcheck --heapallindexed`` on ``databases`` (default: every database).
 
@@ -241,6 +254,7 @@ def amcheck_check(
         scope = "every database" if not databases else ", ".join(databases)
         return CheckResult(name=name, passed=True, detail=f"no corruption found in {scope}")
     findings = parse_amcheck(output) or [output[:500] or f"exit {proc.returncode}"]
+    findings = list(dict.fromkeys(name_relations(f, relations or {}) for f in findings))
     return CheckResult(name=name, passed=False,
                        detail=f"exit {proc.returncode}: " + _trim(findings))
 
