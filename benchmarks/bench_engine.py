@@ -138,6 +138,7 @@ class Bench:
         default_level = RepoSettings().zstd_level
         self.levels = sorted({3, default_level})
         self.default_level = default_level
+        self.checkpoint: Callable[[], None] = lambda: None
 
     # --- archiving ------------------------------------------------------------------------
     def archiving(self, mode: str) -> None:
@@ -403,6 +404,9 @@ class Bench:
             log(f"  day {d + 1}: repo {r['repo_bytes']:,} B, changed "
                 f"{r['changed_zstd3_bytes']:,} B, {r['wall_s']:.1f} s")
             days.append(r)
+            self.results["daily_partial"] = days
+            self.checkpoint()
+        self.results.pop("daily_partial", None)
         changes = sum(int(r["changed_zstd3_bytes"]) for r in days)
         last = days[-1] if days else {"repo_bytes": first, "repo_backup_bytes": first_backup}
         self.results["daily"] = {
@@ -538,6 +542,10 @@ def render_markdown(results: Results) -> str:
         f"zstd level(s) {meta['levels']} (default {meta['default_level']}), 2 workers.",
         "",
     ]
+    loads = results.get("loadavg_after_phase", {})
+    if loads:
+        lines += ["1-minute load average after each phase: " + ", ".join(
+            f"{k} {v[0]:.2f}" for k, v in loads.items()) + ".", ""]
     if meta.get("errors"):
         lines += ["**Errors during the run:**", ""]
         lines += [f"- {e}" for e in meta["errors"]] + [""]
@@ -633,12 +641,22 @@ def render_markdown(results: Results) -> str:
                   f"p50 {wp['p50_s'] * 1000:.0f} ms (min {s['min'] * 1000:.0f}, max "
                   f"{s['max'] * 1000:.0f}) over {wp['segments']} pushes, as PostgreSQL's OS "
                   "user, including process start-up and fsync.", ""]
+    lines += [
+        "## Notes", "",
+        "- Times are wall times of whole processes (start-up, checkpoint, waiting for WAL "
+        "included); see benchmarks/README.md for exactly what each figure covers.",
+        "- \"changed data\" is measured independently of both tools: the 8 KiB blocks of the "
+        "data directory that differ before/after the change, compressed with zstd-3.",
+        "- The scattered change pattern touches most pages of the two big tables; results for "
+        "`--change-pattern clustered` differ.",
+        "- Figures from a loaded machine are noisy: compare the load averages above.",
+    ]
     return "\n".join(lines)
 
 
 # --- main ---------------------------------------------------------------------------------
 
-PHASES = ["full", "restore", "pitr", "incremental", "daily", "walpush"]
+PHASES = ["full", "restore", "pitr", "incremental", "walpush", "daily"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,7 +676,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--cleanup", action="store_true",
                    help="delete repositories and restores afterwards (the dataset stays cached)")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only re-render --doc from an earlier results file")
     args = p.parse_args(argv)
+    if args.render is not None:
+        done = json.loads(args.render.read_text())
+        done["derived"] = derive(done)
+        args.doc.write_text(render_markdown(done) + "\n")
+        return 0
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     unknown = set(phases) - set(PHASES)
     if unknown:
@@ -679,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.emrdr.setup()
     log(f"warming the page cache: {warm_page_cache(ds.primary.data_dir) / 2**20:,.0f} MiB read")
     errors: list[str] = []
+    bench.checkpoint = lambda: write_json(
+        args.out, {**bench.results, "partial": True, "errors": errors})
     table = {"full": bench.phase_full, "restore": bench.phase_restore, "pitr": bench.phase_pitr,
              "incremental": bench.phase_incremental, "daily": bench.phase_daily,
              "walpush": bench.phase_wal_push}
@@ -694,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a failed phase is reported, the others still run
                 log(f"phase {name} FAILED: {exc}")
                 errors.append(f"phase {name}: {type(exc).__name__}: {str(exc)[:1500]}")
-            write_json(args.out, {**bench.results, "partial": True, "errors": errors})
+            bench.results.setdefault("loadavg_after_phase", {})[name] = list(os.getloadavg())
+            bench.checkpoint()
     finally:
         with_archive = bench.inst.is_running()
         if with_archive:

@@ -33,6 +33,13 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) used by this process so far: a figure that, unlike wall
+    time, does not depend on what else the machine is running."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _archiving(side: EmrdrSide, inst: PgInstance) -> None:
     """archive_command = emrdr wal push into the profile's EMRDR_HOME."""
     cmd = side.archive_command()
@@ -78,31 +85,42 @@ def main(argv: list[str] | None = None) -> int:
         for workers in a.workers:
             b_rates: list[float] = []
             r_rates: list[float] = []
+            b_cpu: list[float] = []
+            r_cpu: list[float] = []
             sizes: list[int] = []
             for run in range(a.runs):
                 repo_dir = side.fresh_repo(f"prof-l{level}")
                 settings = make_settings(side.home, repo_dir, level, node)
                 repo = open_repository(settings, create=True)
                 load = _load()
+                cpu0 = _cpu()
                 res = asyncio.run(run_backup(settings, repo, node, workers=workers))
+                cpu = _cpu() - cpu0
                 size = dir_bytes(repo_dir) - dir_bytes(repo_dir / "wal")
                 b_rates.append(res.throughput_mb_s)
+                b_cpu.append(res.bytes_source / 1e6 / cpu)
                 sizes.append(size)
                 print(f"level {level} workers {workers} run {run}: backup "
                       f"{res.bytes_source / 1e6:.0f} MB in {res.duration_s:.2f}s = "
-                      f"{res.throughput_mb_s:.0f} MB/s, repo {size:,} B, phases {res.phases}, "
-                      f"load {load}", flush=True)
+                      f"{res.throughput_mb_s:.0f} MB/s, cpu {cpu:.2f}s "
+                      f"({res.bytes_source / 1e6 / cpu:.0f} MB per cpu-s), repo {size:,} B, "
+                      f"phases {res.phases}, load {load}", flush=True)
                 if not a.no_restore:
                     target = work / "restore"
                     shutil.rmtree(target, ignore_errors=True)
                     shutil.rmtree(f"{target}.wal-staging", ignore_errors=True)
                     load = _load()
+                    cpu0 = _cpu()
                     rr = restore_backup(settings, repo, res.backup_id, target, workers=workers,
                                         os_user=inst.user)
+                    cpu = _cpu() - cpu0
                     r_rates.append(rr.throughput_mb_s)
+                    r_cpu.append(rr.bytes_restored / 1e6 / cpu)
                     print(f"level {level} workers {workers} run {run}: restore "
                           f"{rr.bytes_restored / 1e6:.0f} MB in {rr.duration_s:.2f}s = "
-                          f"{rr.throughput_mb_s:.0f} MB/s, load {load}", flush=True)
+                          f"{rr.throughput_mb_s:.0f} MB/s, cpu {cpu:.2f}s "
+                          f"({rr.bytes_restored / 1e6 / cpu:.0f} MB per cpu-s), load {load}",
+                          flush=True)
                     shutil.rmtree(target, ignore_errors=True)
                     shutil.rmtree(f"{target}.wal-staging", ignore_errors=True)
                 if a.incremental and run == a.runs - 1:
@@ -116,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                           f"{inc.bytes_stored:,} B, files read {inc.files_read}/{inc.files}",
                           flush=True)
             summary = (f"== level {level} workers {workers}: backup median "
-                       f"{statistics.median(b_rates):.0f} MB/s, "
+                       f"{statistics.median(b_rates):.0f} MB/s "
+                       f"({statistics.median(b_cpu):.0f} MB per cpu-s), "
                        f"repo {statistics.median(sizes):,.0f} B")
             if r_rates:
-                summary += f", restore median {statistics.median(r_rates):.0f} MB/s"
+                summary += (f", restore median {statistics.median(r_rates):.0f} MB/s "
+                            f"({statistics.median(r_cpu):.0f} MB per cpu-s)")
             print(summary, flush=True)
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,7 +47,7 @@ from emrdr.verify.drill import (
     run_drill,
 )
 from emrdr.verify.integrity import IntegrityReport, check_repository
-from emrdr.verify.sandbox import abort_running, cleanup_stale_drills
+from emrdr.verify.sandbox import Interrupted, cleanup_stale_drills
 
 NAME = "verifier"
 KEEPALIVE_S = 15.0
@@ -60,6 +61,7 @@ class Verifier:
         self.service = service
         self.settings = service.settings
         self.lock = asyncio.Lock()
+        self.abort = threading.Event()  # set when the service stops: a running drill ends
         reg = service.registry
         self.m_failures = Counter("emrdr_verification_failures_total",
                                   "Failed verifications / restore drills", registry=reg)
@@ -102,8 +104,12 @@ class Verifier:
                     error=str(exc)))
                 return
             await ctx.publish(VerificationStarted(**ctx.envelope(), backup_id=bid))
-            report: DrillReport = await self._with_keepalive(
-                ctx, asyncio.to_thread(run_drill, self.settings, repo, bid))
+            try:
+                report: DrillReport = await self._with_keepalive(
+                    ctx, asyncio.to_thread(run_drill, self.settings, repo, bid, abort=self.abort))
+            except Interrupted as exc:  # NAK: the drill runs again after the restart
+                raise RuntimeError(f"drill of {bid} interrupted ({exc}); it will be redelivered"
+                                   ) from None
             await self._publish_report(report, ctx)
 
     def _count(self, passed: bool) -> None:
@@ -185,12 +191,12 @@ class Verifier:
             raise ValueError(f"the verifier does not handle {command.type}")
 
 
-def _abort_on_stop() -> Callable[[], Awaitable[None]]:
+def _abort_on_stop(verifier: Verifier) -> Callable[[], Awaitable[None]]:
     async def wait_forever() -> None:
         try:
             await asyncio.Event().wait()
         finally:
-            abort_running()  # the service is stopping: a running drill cleans up and ends
+            verifier.abort.set()  # the service is stopping: a running drill cleans up and ends
 
     return wait_forever
 
@@ -205,7 +211,7 @@ def attach(service: Service) -> Verifier:
     service.on_command("emrdr.cmd.verify.>", verifier.on_command)
     service.on_event(BackupCompleted.subject, verifier.on_backup_completed,
                      durable="verifier-backup-completed-v1")
-    service.spawn(_abort_on_stop(), "abort-on-stop")
+    service.spawn(_abort_on_stop(verifier), "abort-on-stop")
     return verifier
 
 

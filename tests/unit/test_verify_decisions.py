@@ -151,7 +151,7 @@ def test_target_database_names(name: str, exists: bool, replace: bool, action: s
 
 def test_table_names_and_renamed_indexes() -> None:
     assert split_table_name("emr.prescriptions") == ("emr", "prescriptions")
-    with pytest.raises(ValueError, match="SCHEMA.TABLE"):
+    with pytest.raises(ValueError, match=r"SCHEMA\.TABLE"):
         split_table_name("prescriptions")
     with pytest.raises(ValueError):
         split_table_name("emr.pre;scriptions")

@@ -24,7 +24,11 @@ def register(sub: Any) -> None:
     full.set_defaults(func=run_restore)
 
     pitr = rs.add_parser("pitr", help="point-in-time recovery")
-    pitr.add_argument("time", nargs="?", help='e.g. "2025-06-22 14:30:00"; without a zone: this machine\'s local time zone')
+    pitr.add_argument(
+        "time",
+        nargs="?",
+        help='e.g. "2025-06-22 14:30:00"; without a zone: this machine\'s local time zone',
+    )
     pitr.add_argument("--lsn")
     pitr.add_argument("--xid", type=int)
     pitr.add_argument("--name")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -334,12 +335,14 @@ def run_drill(
     record: bool = True,
     on_progress: ProgressCallback | None = None,
     os_user: OsUser | None = None,
+    abort: threading.Event | None = None,
 ) -> DrillReport:
     """Restore ``backup_id`` (or ``latest``) into a temporary instance and check it.
 
     Raises :class:`DrillError` only when there is nothing to verify; every other problem is a
     failed check in the returned report.  With ``record`` the report is stored in the
-    repository.  The temporary instance is always removed.
+    repository.  The temporary instance is always removed.  Setting ``abort`` (a stopping
+    service) ends the drill at its next step with :class:`~emrdr.verify.sandbox.Interrupted`.
     """
     t0 = time.monotonic()
     user = os_user or ensure_os_user(settings.pg.os_user)
@@ -354,7 +357,8 @@ def run_drill(
         return check.passed
 
     try:
-        _drill(settings, repo, bid, report, add, user, workers, work_dir, timeout, on_progress)
+        _drill(settings, repo, bid, report, add, user, workers, work_dir, timeout, on_progress,
+               abort)
     except Exception as exc:  # an unexpected failure is a failed drill, with its reason
         report.error = f"{type(exc).__name__}: {exc}"
     report.total_seconds = time.monotonic() - t0
@@ -369,7 +373,7 @@ def run_drill(
 def _drill(
     settings: Settings, repo: Repository, bid: str, report: DrillReport,
     add: Callable[[CheckResult], bool], user: OsUser, workers: int, work_dir: Path | None,
-    timeout: float, on_progress: ProgressCallback | None,
+    timeout: float, on_progress: ProgressCallback | None, abort: threading.Event | None,
 ) -> None:
     manifest, check = _manifest_check(repo, bid)
     if not add(check) and manifest is None:
@@ -378,10 +382,10 @@ def _drill(
     report.degraded = manifest.degraded
     if not add(_wal_check(repo, manifest)):
         return
-    checkpoint()
-    with temp_instance(settings, "drill", bid, work_dir, user) as inst:
+    checkpoint(abort)
+    with temp_instance(settings, "drill", bid, work_dir, user, abort) as inst:
         _in_sandbox(settings, repo, manifest, report, add, user, inst, workers, timeout,
-                    on_progress)
+                    on_progress, abort)
     gone = not inst.root.exists()
     add(CheckResult(name=C_CLEANUP, passed=gone,
                     detail=f"{inst.root} removed" if gone else f"{inst.root} remains"))
@@ -390,7 +394,7 @@ def _drill(
 def _in_sandbox(
     settings: Settings, repo: Repository, manifest: Manifest, report: DrillReport,
     add: Callable[[CheckResult], bool], user: OsUser, inst: TempInstance, workers: int,
-    timeout: float, on_progress: ProgressCallback | None,
+    timeout: float, on_progress: ProgressCallback | None, abort: threading.Event | None,
 ) -> None:
     bid = manifest.backup_id
     try:
@@ -420,12 +424,12 @@ def _in_sandbox(
     if not add(recovery_verdict(manifest, result.reached_lsn, result.timeline,
                                 result.recovery_log)):
         return
-    checkpoint()
+    checkpoint(abort)
     relations = pgcheck.relation_map(settings, inst.port)
     add(pgcheck.amcheck_check(settings, inst.port, name=C_AMCHECK, relations=relations))
-    checkpoint()
+    checkpoint(abort)
     add(canary_check(settings, inst.port, manifest))
     add(_counts_check(settings, inst.port, manifest))
     stop_restored(settings, inst.data_dir, user, mode="fast")
-    checkpoint()
+    checkpoint(abort)
     add(pgcheck.checksums_check(settings, inst.data_dir, user, relations))
