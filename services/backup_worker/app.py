@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from emrdr.bus.runtime import HandlerContext, NotAvailableYet, Service, run_service
+from emrdr.bus.runtime import HandlerContext, Service, run_service
 from emrdr.engine import jobs
 from emrdr.messages.commands import (
     EnforceRetention,
@@ -51,7 +51,7 @@ def build(service: Service) -> None:
         await ctx.publish(await jobs.restore_job(cmd, settings, ctx.envelope(), publish))
 
     async def restore_table(cmd: RestoreTable, ctx: HandlerContext) -> None:
-        raise NotAvailableYet("single-table restore lands with issue #4")
+        await ctx.publish(await jobs.table_restore_job(cmd, settings, ctx.envelope(), publish))
 
     async def retention(cmd: EnforceRetention, ctx: HandlerContext) -> None:
         await ctx.publish(await jobs.retention_job(cmd, settings, ctx.envelope()))

@@ -9,8 +9,9 @@ import re
 from typing import Any
 
 from emrdr.bus.runtime import HandlerContext, NotAvailableYet, Service, run_service
+from emrdr.engine import jobs
 from emrdr.failover.coordinator import Coordinator
-from emrdr.messages.commands import PromoteNode, Switchover
+from emrdr.messages.commands import PromoteNode, RecoverCorruption, Switchover
 from emrdr.messages.events import ClusterObserved, NodeHealthChanged
 
 NAME = "dr-coordinator"
@@ -35,6 +36,10 @@ def build_coordinator(service: Service) -> Coordinator:
             await coordinator.on_promote(command, ctx)
         elif isinstance(command, Switchover):
             await coordinator.on_switchover(command, ctx)
+        elif isinstance(command, RecoverCorruption):
+            await ctx.publish(
+                await jobs.corruption_job(command, service.settings, ctx.envelope(), ctx.publish)
+            )
         else:
             await not_built(command, ctx)
 
@@ -43,7 +48,8 @@ def build_coordinator(service: Service) -> Coordinator:
         ClusterObserved.subject, coordinator.record_observed, durable="dr-coordinator-topology-v1"
     )
     service.on_event(
-        NodeHealthChanged.subject, coordinator.on_health_event,
+        NodeHealthChanged.subject,
+        coordinator.on_health_event,
         durable=f"dr-coordinator-health-{instance}",
     )
 

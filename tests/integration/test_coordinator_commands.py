@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
 from emrdr.bus.publish import publish
@@ -29,11 +30,22 @@ def final_for(rig: Rig, correlation: str) -> dict[str, Any] | None:
     return None
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: under write load a row acknowledged by the new primary right after the "
-    "switchover was once missing, and once writes stalled after it; under investigation",
-)
+async def lost_now(rig: Rig, primary: str) -> list[int]:
+    """Acknowledged ids missing on ``primary``, judged on the ids acknowledged *before* the
+    query: the load keeps writing while it runs, and a row acknowledged after the query's
+    snapshot is not lost. (Reading the acknowledged list after the query was the cause of the
+    "missing" row this test once reported: it was the newest row, acknowledged meanwhile.)"""
+    acked = list(rig.load.acked)
+    node = next(n for n in rig.nodes if n.name == primary)
+    conn = await asyncpg.connect(host=node.host, port=node.port, user="postgres",
+                                 database="postgres", timeout=5)
+    try:
+        present = {r["id"] for r in await conn.fetch("SELECT id FROM load")}
+    finally:
+        await conn.close()
+    return [i for i in acked if i not in present]
+
+
 async def test_switchover_then_manual_promotion_back(rig_factory: Any) -> None:  # noqa: F811
     rig: Rig = await rig_factory()
     js = rig.bus.jetstream()
@@ -53,8 +65,10 @@ async def test_switchover_then_manual_promotion_back(rig_factory: Any) -> None: 
     assert rig.recorded_primary() == "pg-replica-1"
     old = rig.cluster.instance("pg-primary")
     assert await asyncio.to_thread(old.is_in_recovery)
+    rejoin = next(e for e in rig.events if e.get("step") == "rejoin-old-primary")
+    assert "streaming from pg-replica-1" in rejoin["detail"], rejoin["detail"]
     await rig.wait_for(lambda: len(rig.load.acked) > before + 20, 10, "writes on the new primary")
-    lost = await rig.lost_commits("pg-replica-1")
+    lost = await lost_now(rig, "pg-replica-1")
     assert lost == [], [rig.load.acked_at[i] for i in lost]
     switch_s = final["duration_s"]
 

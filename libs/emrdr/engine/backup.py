@@ -9,9 +9,9 @@ The procedure, in the order :func:`run_backup` reads:
 4. list the data directory (skipping what ``pg_basebackup`` skips), plan each file: *reuse*
    the parent's chunk list for a file whose size and mtime are unchanged and whose mtime is
    older than the parent's start minus a safety margin, *read* everything else;
-5. read files in parallel, big ones in 4 MiB units on every worker at once, small ones in
+5. read files in parallel, big ones in units of one chunk on every worker at once, small ones in
    batches: page checksums of relation files (a bad page makes the backup *degraded*, naming
-   relation and block), 1 MiB chunks hashed once (SHA-256: the chunk id is keyed on it and the
+   relation and block), chunks (4 MiB) hashed once (SHA-256: the chunk id is keyed on it and the
    file checksum is built from it), compressed and sealed on the workers and written by a chunk
    session's I/O threads (dedup; every chunk durable before the manifest);
 6. write the canary row on the primary (waiting for a standby source to replay it), record EMR
@@ -326,7 +326,7 @@ class _Totals:
 
 #: Files bigger than this are read in units of this many bytes (whole chunks), one worker task
 #: each, so the units of one 1 GiB relation segment are compressed on every core at once.
-READ_UNIT = 4 * DEFAULT_CHUNK_SIZE
+READ_UNIT = DEFAULT_CHUNK_SIZE
 #: Smaller files are read up to this many per task, their pages checked in one pass.
 SMALL_BATCH_FILES = 64
 #: Threads writing chunk objects: fsync latency overlaps the hashing and compression.
@@ -796,6 +796,12 @@ async def _backup_with(
         else:
             notes.append(f"parent {parent.backup_id}: {reason}")
     previous = {f.path: f for f in parent.files} if parent else {}
+    if parent is not None and parent.chunk_size != DEFAULT_CHUNK_SIZE:
+        notes.append(
+            f"parent {parent.backup_id} used {parent.chunk_size}-byte chunks, this backup "
+            f"{DEFAULT_CHUNK_SIZE}: every file is read again (chunks still deduplicate)"
+        )
+        previous = {}
     reuse_before = parent.started_at.timestamp() - reuse_margin_s if parent else None
 
     backup_id, started = _new_backup_id(repo, kind)

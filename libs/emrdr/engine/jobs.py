@@ -18,15 +18,26 @@ from typing import Any
 
 from emrdr.config import PgNode, Settings
 from emrdr.engine.repository import Repository, open_repository
-from emrdr.messages.commands import EnforceRetention, RotateKeys, StartBackup, StartRestore
+from emrdr.messages.commands import (
+    EnforceRetention,
+    RecoverCorruption,
+    RestoreTable,
+    RotateKeys,
+    StartBackup,
+    StartRestore,
+)
 from emrdr.messages.events import (
     BackupCompleted,
     BackupFailed,
     BackupProgressed,
     BackupStarted,
+    CorruptionRecovered,
+    CorruptionRecoveryFailed,
     Event,
     KeyRotationFailed,
     KeysRotated,
+    MaintenanceChanged,
+    RecoveryStepCompleted,
     RestoreCompleted,
     RestoreFailed,
     RestoreProgressed,
@@ -182,11 +193,7 @@ async def restore_job(
     from emrdr.engine.restore import restore_backup, restore_to_point
 
     if cmd.target_dir is None:
-        return RestoreFailed(
-            **envelope,
-            backup_id=cmd.backup_id,
-            error="restore into a database name (--target-db) needs the recovery tools (issue #4)",
-        )
+        return await database_copy_job(cmd, settings, envelope, publish)
     try:
         repo = await asyncio.to_thread(open_repository, settings)
     except Exception as exc:
@@ -246,6 +253,159 @@ async def restore_job(
         bytes_restored=result.bytes_restored,
         duration_s=round(result.duration_s, 3),
         reached=result.reached,
+    )
+
+
+def step_publisher(
+    procedure: str, envelope: dict[str, Any], publish: Publish
+) -> Callable[[str, bool, str], None]:
+    """An ``on_step`` callback for engine threads: publishes RecoveryStepCompleted and waits."""
+    loop = asyncio.get_running_loop()
+
+    def on_step(step: str, ok: bool, detail: str) -> None:
+        event = RecoveryStepCompleted(
+            **envelope,
+            procedure=procedure,
+            step=step,
+            ok=ok,
+            detail=detail[:2000],
+        )
+        asyncio.run_coroutine_threadsafe(publish(event), loop).result(timeout=30)
+
+    return on_step
+
+
+def _recovery_target(cmd: StartRestore) -> Any:
+    from emrdr.engine.pitr import RecoveryTarget
+
+    if cmd.mode != "pitr":
+        return None
+    return RecoveryTarget(
+        time=cmd.target_time, lsn=cmd.target_lsn, xid=cmd.target_xid, name=cmd.target_name
+    )
+
+
+async def database_copy_job(
+    cmd: StartRestore, settings: Settings, envelope: dict[str, Any], publish: Publish
+) -> Event:
+    """``restore full|pitr ... --target-db NAME``: restore into a sandbox, copy one database."""
+    from emrdr.recovery.dbcopy import restore_database_copy
+
+    if not cmd.target_db:
+        return RestoreFailed(**envelope, backup_id=cmd.backup_id, error="no target given")
+    await publish(
+        RestoreStarted(
+            **envelope,
+            backup_id=cmd.backup_id or "chosen for the target",
+            target=f"database {cmd.target_db}",
+        )
+    )
+    try:
+        repo = await asyncio.to_thread(open_repository, settings)
+        result = await asyncio.to_thread(
+            restore_database_copy,
+            settings,
+            repo,
+            cmd.backup_id,
+            _recovery_target(cmd),
+            None,
+            cmd.target_db,
+            cmd.replace,
+            step_publisher("database_copy", envelope, publish),
+        )
+    except Exception as exc:
+        return RestoreFailed(
+            **envelope, backup_id=cmd.backup_id, error=f"{type(exc).__name__}: {exc}"
+        )
+    return RestoreCompleted(
+        **envelope,
+        backup_id=result.backup_id,
+        target=f"database {result.new_db} on {result.primary} (copy of {result.source_db})",
+        bytes_restored=0,
+        duration_s=round(result.duration_s, 3),
+        reached=result.reached,
+    )
+
+
+async def table_restore_job(
+    cmd: RestoreTable, settings: Settings, envelope: dict[str, Any], publish: Publish
+) -> Event:
+    """``restore table SCHEMA.TABLE --time T --target-db NAME [--as NEW]``."""
+    from emrdr.recovery.table import restore_table
+
+    await publish(
+        RestoreStarted(
+            **envelope, backup_id="chosen for the target", target=f"{cmd.target_db}: {cmd.table}"
+        )
+    )
+    try:
+        repo = await asyncio.to_thread(open_repository, settings)
+        result = await asyncio.to_thread(
+            restore_table,
+            settings,
+            repo,
+            cmd.table,
+            cmd.target_time,
+            cmd.target_db,
+            cmd.as_name,
+            step_publisher("table_restore", envelope, publish),
+        )
+    except Exception as exc:
+        return RestoreFailed(**envelope, backup_id=None, error=f"{type(exc).__name__}: {exc}")
+    dropped = (
+        f"; foreign keys not copied: {', '.join(result.dropped_foreign_keys)}"
+        if (result.dropped_foreign_keys)
+        else ""
+    )
+    return RestoreCompleted(
+        **envelope,
+        backup_id=result.backup_id,
+        target=f"{result.target_db}: {result.restored_as} ({result.rows} rows){dropped}",
+        bytes_restored=0,
+        duration_s=round(result.duration_s, 3),
+        reached=result.reached,
+    )
+
+
+async def corruption_job(
+    cmd: RecoverCorruption, settings: Settings, envelope: dict[str, Any], publish: Publish
+) -> Event:
+    """Seed scenario 3 as one command; every step published; stops at the first failure."""
+    from emrdr.recovery.corruption import recover_corruption
+
+    loop = asyncio.get_running_loop()
+
+    def maintenance(active: bool, reason: str) -> None:
+        event = MaintenanceChanged(**envelope, active=active, reason=reason)
+        asyncio.run_coroutine_threadsafe(publish(event), loop).result(timeout=30)
+
+    on_step = step_publisher("recover_corruption", envelope, publish)
+    try:
+        repo = await asyncio.to_thread(open_repository, settings)
+        result = await asyncio.to_thread(
+            lambda: recover_corruption(
+                settings, repo, cmd.to_time, cmd.dry_run, on_step, maintenance=maintenance
+            )
+        )
+    except Exception as exc:
+        return CorruptionRecoveryFailed(
+            **envelope, to_time=cmd.to_time, step="start", error=f"{type(exc).__name__}: {exc}"
+        )
+    if not result.ok:
+        return CorruptionRecoveryFailed(
+            **envelope,
+            to_time=cmd.to_time,
+            step=result.failed_step or "?",
+            error=result.error or "failed",
+        )
+    return CorruptionRecovered(
+        **envelope,
+        to_time=cmd.to_time,
+        dry_run=cmd.dry_run,
+        backup_id=result.backup_id,
+        reached=result.reached,
+        plan=result.plan,
+        damaged_data_dir=str(result.damaged_dir) if result.damaged_dir else None,
     )
 
 

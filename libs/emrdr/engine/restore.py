@@ -262,7 +262,7 @@ class _Progress:
 
 #: Chunks fetched, decrypted, decompressed and written per task: the chunks of one big file are
 #: restored on every worker at once.
-RESTORE_GROUP = 4
+RESTORE_GROUP = 1
 
 
 class _FileState:

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,6 +144,8 @@ class Coordinator:
         self.endpoint: AlertEndpoint | None = None
         self.stop_event = asyncio.Event()
         self.notifiers = notifiers_from(self.settings.notify)
+        self.step_hook: Callable[[StepResult], Awaitable[None]] | None = None
+        """Test hook: awaited after each step's event is published (to pause between steps)."""
 
     # --- nodes ------------------------------------------------------------------------------
     def node_configs(self) -> list[PgNode]:
@@ -416,6 +418,8 @@ class Coordinator:
             **self._env(cause), step=step.name, epoch=epoch,
             detail=("" if step.ok else "FAILED: ") + f"{step.detail} ({step.seconds:.2f} s)",
         ))
+        if self.step_hook is not None:
+            await self.step_hook(step)
 
     async def _check_lease(self, epoch: int, cause: Message | None) -> bool:
         assert self.lease is not None

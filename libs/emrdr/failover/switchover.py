@@ -7,11 +7,13 @@ Steps (each a :class:`~emrdr.failover.execute.StepResult`):
    primary (it replicates to the target).
 3. ``stop-old-primary`` - a clean (fast) shutdown: every committed transaction and the shutdown
    checkpoint are sent to connected standbys first. Its final checkpoint LSN is read back.
-4. ``wait-replay`` - the target has replayed up to that final LSN (nothing acknowledged is left
-   behind); otherwise the old primary is restarted as it was and the switchover stops.
+4. ``wait-replay`` - the target has replayed *past* that final LSN, i.e. the shutdown checkpoint
+   record itself (nothing acknowledged is left behind, and the new timeline forks after the old
+   primary's last record, so it can follow without a rewind); otherwise the old primary is
+   restarted as it was and the switchover stops.
 5. ``promote`` and ``record-epoch`` on the target.
 6. ``rejoin-old-primary`` - the old primary follows the target (it stopped cleanly before the
-   fork, so no rewind is needed) and starts in recovery.
+   fork, so no rewind is needed), starts in recovery and is seen streaming from the target.
 7. ``repoint:<node>`` for every other node.
 """
 
@@ -30,7 +32,12 @@ from emrdr.pg.instance import PgError, PgInstance
 from emrdr.pg.lsn import format_lsn, parse_lsn
 from emrdr.pg.osuser import run_as
 
-__all__ = ["execute_switchover", "final_checkpoint_lsn", "parse_checkpoint_lsn"]
+__all__ = [
+    "execute_switchover",
+    "final_checkpoint_lsn",
+    "parse_checkpoint_lsn",
+    "replayed_past",
+]
 
 
 def parse_checkpoint_lsn(controldata: str) -> int:
@@ -63,6 +70,41 @@ async def _replayed(target: PgInstance) -> int | None:
     finally:
         await conn.close()
     return parse_lsn(value) if value else None
+
+
+def replayed_past(replayed: int | None, final_checkpoint: int) -> bool:
+    """Whether a standby replayed the old primary's shutdown checkpoint record.
+
+    ``pg_last_wal_replay_lsn()`` is the *end* of the last replayed record and ``final_checkpoint``
+    the *start* of the checkpoint record, so only ``>`` proves the record was replayed (the
+    record before it may end exactly where it starts). Promoting before that forks the new
+    timeline before the old primary's last record, and the old primary could not follow.
+    """
+    return replayed is not None and replayed > final_checkpoint
+
+
+async def _streaming_from(node: PgInstance, upstream: PgInstance, timeout: float) -> str | None:
+    """Wait until ``node``'s WAL receiver streams from ``upstream``; None, or why not."""
+    deadline = time.monotonic() + timeout
+    seen = "no WAL receiver"
+    while True:
+        try:
+            conn = await connect_target(node, timeout=3)
+            try:
+                row = await conn.fetchrow(
+                    "SELECT status, sender_port FROM pg_stat_wal_receiver"
+                )
+            finally:
+                await conn.close()
+            if row is not None:
+                seen = f"WAL receiver {row['status']} (sender port {row['sender_port']})"
+                if row["status"] == "streaming" and row["sender_port"] == upstream.port:
+                    return None
+        except FencingError as exc:
+            seen = str(exc)
+        if time.monotonic() >= deadline:
+            return f"{node.name} is not streaming from {upstream.name} after {timeout:.0f}s: {seen}"
+        await asyncio.sleep(0.1)
 
 
 async def execute_switchover(
@@ -145,9 +187,10 @@ async def execute_switchover(
             replayed = await _replayed(new)
         except FencingError:
             replayed = None
-        if replayed is not None and replayed >= final:
-            ok, detail = True, (f"{target} replayed {format_lsn(replayed)} >= final "
-                                f"{format_lsn(final)}")
+        if replayed_past(replayed, final):
+            assert replayed is not None
+            ok, detail = True, (f"{target} replayed {format_lsn(replayed)}, past the final "
+                                f"checkpoint {format_lsn(final)}")
             break
         if time.monotonic() >= deadline:
             seen = format_lsn(replayed) if replayed is not None else "nothing"
@@ -186,7 +229,10 @@ async def execute_switchover(
     try:
         follow = await asyncio.to_thread(old.reconfigure_upstream, new)
         await asyncio.to_thread(old.start, timeout)
-        ok, detail = True, f"{follow}; started in recovery"
+        problem = await _streaming_from(old, new, min(timeout, 15.0))
+        ok = problem is None
+        detail = f"{follow}; started in recovery" + (f"; but {problem}" if problem else
+                                                     f"; streaming from {target}")
     except (PgError, OSError) as exc:
         ok, detail = False, f"{old_primary} could not rejoin as a standby: {exc}"
     await step("rejoin-old-primary", ok, detail, t)
