@@ -473,6 +473,23 @@ def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**missed**")
 
 
+def daily_summary(days: list[dict[str, Any]]) -> dict[str, Any]:
+    """The daily figures from per-day records (also those of a run stopped part-way)."""
+    d1 = days[0]
+    first = int(d1["repo_bytes"]) - int(d1["repo_growth_bytes"])
+    first_backup = int(d1["repo_backup_bytes"]) - int(d1["repo_backup_growth_bytes"])
+    changes = sum(int(r["changed_zstd3_bytes"]) for r in days)
+    last = days[-1]
+    return {
+        "days": len(days), "first_full_repo_bytes": first, "first_full_backup_bytes": first_backup,
+        "changes_zstd3_bytes": changes, "final_repo_bytes": last["repo_bytes"],
+        "final_backup_bytes": last["repo_backup_bytes"],
+        "ratio_repo": last["repo_bytes"] / (first + changes),
+        "ratio_backup_only": last["repo_backup_bytes"] / (first_backup + changes),
+        "per_day": days,
+    }
+
+
 def derive(results: Results) -> dict[str, Any]:
     """Ratios and pass/miss against the issue's targets."""
     out: dict[str, Any] = {}
@@ -510,6 +527,8 @@ def derive(results: Results) -> dict[str, Any]:
         out.update(incr_stored_ratio=stored, incr_repo_growth_ratio=growth, incr_speedup=speed,
                    incr_stored_ok=stored is not None and stored <= 3.0, incr_speed_ok=speed >= 5)
     dl = results.get("daily")
+    if dl is None and results.get("daily_partial"):
+        dl = results["daily"] = daily_summary(results["daily_partial"])
     if dl:
         out["daily_ok"] = dl["ratio_repo"] <= 1.5
     return out
@@ -625,8 +644,10 @@ def render_markdown(results: Results) -> str:
                   f"(target ≥ 5x): {_verdict(d.get('incr_speed_ok'))}", ""]
     dl = results.get("daily")
     if dl:
-        lines += [f"## {dl['days']} simulated daily backups at {meta['change']:.1%} daily change",
-                  "",
+        stopped = (f" (stopped after {dl['days']} of {meta['days']} planned days)"
+                   if dl["days"] < meta["days"] else "")
+        lines += [f"## {dl['days']} simulated daily backups at {meta['change']:.1%} daily "
+                  f"change{stopped}", "",
                   f"- first full: {dl['first_full_repo_bytes']:,} B; sum of the daily changes "
                   f"(changed blocks, zstd-3): {dl['changes_zstd3_bytes']:,} B",
                   f"- repository after day {dl['days']}: {dl['final_repo_bytes']:,} B → "

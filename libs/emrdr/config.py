@@ -131,6 +131,10 @@ class RetentionSettings(BaseModel):
     full_days: int = 2555
     incremental_days: int = 90
     wal_days: int = 30
+    gfs_daily: int = Field(default=0, description="Also keep the newest full of each of N days.")
+    gfs_weekly: int = Field(default=0, description="... of each of the last N ISO weeks.")
+    gfs_monthly: int = Field(default=0, description="... of each of the last N months.")
+    gfs_yearly: int = Field(default=0, description="... of each of the last N years.")
 
 
 class ThresholdSettings(BaseModel):

@@ -98,7 +98,8 @@ class RetentionPolicy:
 
     @classmethod
     def from_settings(cls, s: RetentionSettings, gfs: GfsTiers | None = None) -> RetentionPolicy:
-        return cls(s.full_days, s.incremental_days, s.wal_days, gfs or GfsTiers())
+        configured = GfsTiers(s.gfs_daily, s.gfs_weekly, s.gfs_monthly, s.gfs_yearly)
+        return cls(s.full_days, s.incremental_days, s.wal_days, gfs or configured)
 
 
 @dataclass(frozen=True)
@@ -434,6 +435,8 @@ def enforce_retention(
         repo.storage.delete(manifest_key(bid))
         repo.storage.delete(started_key(bid))
         repo.storage.delete(manifest_copy_key(bid))
+        for record in repo.storage.list(f"verifications/{bid}/"):
+            repo.storage.delete(record)
         result.backups_removed.append(bid)
     for name in plan.remove_wal:
         repo.storage.delete(wal_key(name))
