@@ -278,8 +278,10 @@ async def _nats_outage(chaos: Any, spool: Path) -> None:
     assert spooled, "no WAL segment reached the spool during the outage"
     writes_during = len(rig.load.acked) - acked_before
     assert writes_during > 50, writes_during
+    # the monitor's report of the stopped replica waits in its outbox (a publish times out first)
+    await rig.wait_for(lambda: len(monitor.outbox.pending()) >= 1, 20,
+                       "an event in the monitor's outbox")
     outbox_waiting = len(monitor.outbox.pending())
-    assert outbox_waiting >= 1, "nothing waited in the monitor's outbox"
     rig.nats_srv.start()
     outage_s = round(time.monotonic() - down_at, 1)
     up_at = time.monotonic()
