@@ -541,7 +541,9 @@ def render_markdown(results: Results) -> str:
     lines = [
         "# Benchmarks: emrdr's backup engine against pgBackRest",
         "",
-        f"Run {meta['started']} → {meta['finished']} ({meta['elapsed_s'] / 60:.1f} min), "
+        (f"Run {meta['started']} → {meta['finished']} ({meta['elapsed_s'] / 60:.1f} min), "
+         if meta["elapsed_s"] else f"Run finished {meta['finished']}, ")
+        +
         f"dataset scale {meta['scale']} + {meta['md5_rows']:,} md5 rows "
         f"({meta['data_bytes'] / 2**20:,.0f} MiB in base/ and global/), "
         f"{meta['runs']} repetition(s) per figure, medians with min-max.",
@@ -561,6 +563,14 @@ def render_markdown(results: Results) -> str:
         f"zstd level(s) {meta['levels']} (default {meta['default_level']}), 2 workers.",
         "",
     ]
+    if meta.get("interrupted"):
+        lines += ["**This run was stopped by hand before it finished** (see the daily section); "
+                  "every figure below was measured by it. The run did not record its own start "
+                  "time or the load at the start; the load at the start shown above comes from "
+                  "an `uptime` taken just before the run started.", ""]
+    lines += [f"- {r}" for r in meta.get("remarks", [])]
+    if meta.get("remarks"):
+        lines.append("")
     loads = results.get("loadavg_after_phase", {})
     if loads:
         lines += ["1-minute load average after each phase: " + ", ".join(
@@ -677,6 +687,40 @@ def render_markdown(results: Results) -> str:
 
 # --- main ---------------------------------------------------------------------------------
 
+
+def _meta(
+    args: argparse.Namespace, argv: list[str] | None, started: datetime | None,
+    finished: datetime, data_bytes: int, levels: list[int], errors: list[str],
+) -> dict[str, Any]:
+    default_level = RepoSettings().zstd_level
+    cmd_args = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if args.render is not None:  # describe the original run, not the re-rendering
+        kept: list[str] = []
+        skip = False
+        for a in cmd_args:
+            if skip:
+                skip = False
+            elif a in ("--render", "--data-bytes", "--load-at-start", "--remark", "--doc"):
+                skip = True
+            elif not a.startswith(("--render=", "--data-bytes=", "--load-at-start=",
+                                   "--remark=")):
+                kept.append(a)
+        cmd_args = kept
+    return {
+        "command": "python -m benchmarks.bench_engine " + " ".join(
+            shlex.quote(a) for a in cmd_args),
+        "started": started.isoformat(timespec="seconds") if started else "(not recorded)",
+        "finished": finished.isoformat(timespec="seconds"),
+        "elapsed_s": (finished - started).total_seconds() if started else 0.0,
+        "scale": args.scale, "md5_rows": args.md5_rows, "data_bytes": data_bytes,
+        "runs": args.runs, "days": args.days, "change": args.change,
+        "change_pattern": args.change_pattern, "pitr_seconds": args.pitr_seconds,
+        "clients": args.clients, "levels": levels or sorted({3, default_level}),
+        "default_level": default_level, "facts": machine_facts(default_pg_bindir()),
+        "loadavg_at_end": list(os.getloadavg()), "errors": errors,
+    }
+
+
 PHASES = ["full", "restore", "pitr", "incremental", "walpush", "daily"]
 
 
@@ -699,9 +743,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="delete repositories and restores afterwards (the dataset stays cached)")
     p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                    help="only re-render --doc from an earlier results file")
+    p.add_argument("--data-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--remark", action="append", default=[],
+                   help="with --render: a remark to print in the report (repeatable)")
+    p.add_argument("--load-at-start", type=lambda v: [float(x) for x in v.split(",")],
+                   default=[], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.render is not None:
         done = json.loads(args.render.read_text())
+        if "meta" not in done:  # an interrupted run: describe it from these arguments
+            levels = sorted(int(k.removeprefix("emrdr_z")) for k in done.get("full_backup", {})
+                            if k.startswith("emrdr_z"))
+            done["meta"] = _meta(args, argv, None, datetime.now(UTC), args.data_bytes, levels,
+                                 list(done.get("errors", [])))
+            # The run measured {3, the default then}: one level means the default was 3.
+            done["meta"]["default_level"] = levels[-1] if len(levels) == 1 else "see levels"
+            done["meta"]["interrupted"] = True
+            done["meta"]["facts"]["loadavg_at_start"] = args.load_at_start
+        if args.remark:
+            done["meta"]["remarks"] = args.remark
+            write_json(args.render, done)
         done["derived"] = derive(done)
         args.doc.write_text(render_markdown(done) + "\n")
         return 0
@@ -751,18 +812,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.inst.reload()
     finished = datetime.now(UTC)
     results: Results = dict(bench.results)
-    results["meta"] = {
-        "command": "python -m benchmarks.bench_engine " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "started": started.isoformat(timespec="seconds"),
-        "finished": finished.isoformat(timespec="seconds"),
-        "elapsed_s": (finished - started).total_seconds(),
-        "scale": args.scale, "md5_rows": args.md5_rows, "data_bytes": ds.data_bytes,
-        "runs": args.runs, "days": args.days, "change": args.change,
-        "change_pattern": args.change_pattern, "pitr_seconds": args.pitr_seconds,
-        "clients": args.clients, "levels": bench.levels, "default_level": bench.default_level,
-        "facts": facts, "loadavg_at_end": list(os.getloadavg()), "errors": errors,
-    }
+    results["meta"] = _meta(args, argv, started, finished, ds.data_bytes, bench.levels, errors)
+    results["meta"]["facts"] = facts
     results["derived"] = derive(results)
     write_json(args.out, results)
     args.doc.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"level {level} workers {workers}: incremental after {counts}: "
                           f"{inc.duration_s:.2f}s ({res.duration_s / inc.duration_s:.1f}x "
                           f"faster than the full), read {inc.bytes_read / 1e6:.0f} MB, stored "
-                          f"{inc.bytes_stored:,} B, files read {inc.files_read}/{inc.files}",
+                          f"{inc.bytes_stored:,} B, files read {inc.files_read}/{inc.files}, "
+                          f"phases {inc.phases}",
                           flush=True)
             summary = (f"== level {level} workers {workers}: backup median "
                        f"{statistics.median(b_rates):.0f} MB/s "

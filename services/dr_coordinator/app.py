@@ -11,7 +11,7 @@ from typing import Any
 from emrdr.bus.runtime import HandlerContext, NotAvailableYet, Service, run_service
 from emrdr.engine import jobs
 from emrdr.failover.coordinator import Coordinator
-from emrdr.messages.commands import PromoteNode, RecoverCorruption, Switchover
+from emrdr.messages.commands import ActivateDrSite, PromoteNode, RecoverCorruption, Switchover
 from emrdr.messages.events import ClusterObserved, NodeHealthChanged
 
 NAME = "dr-coordinator"
@@ -36,6 +36,8 @@ def build_coordinator(service: Service) -> Coordinator:
             await coordinator.on_promote(command, ctx)
         elif isinstance(command, Switchover):
             await coordinator.on_switchover(command, ctx)
+        elif isinstance(command, ActivateDrSite):
+            await coordinator.on_activate_dr_site(command, ctx)
         elif isinstance(command, RecoverCorruption):
             await ctx.publish(
                 await jobs.corruption_job(command, service.settings, ctx.envelope(), ctx.publish)

@@ -51,7 +51,7 @@ from emrdr.engine.pagecheck import (
     verify_pages,
 )
 from emrdr.engine.repository import Repository
-from emrdr.engine.wal import upload_spool
+from emrdr.engine.wal import WalConflict, upload_spool
 from emrdr.pg import emr_seed
 from emrdr.pg.lsn import format_lsn, parse_lsn, segment_name_from_number
 from emrdr.repo import DEFAULT_CHUNK_SIZE, ChunkRef, RepoError
@@ -700,6 +700,18 @@ def wal_range(
     return [segment_name_from_number(timeline, n, seg_size) for n in range(first, last + 1)]
 
 
+def _upload_spool_early(settings: Settings, repo: Repository) -> WalConflict | None:
+    """One upload pass of the spool; a conflict is returned (to fail the backup as
+    :func:`wait_for_wal` would), other errors are left for :func:`wait_for_wal` to report."""
+    try:
+        upload_spool(settings, repo)
+    except WalConflict as exc:
+        return exc
+    except Exception:  # retried, and reported if it persists, by wait_for_wal
+        pass
+    return None
+
+
 def wait_for_wal(
     settings: Settings, repo: Repository, segments: list[str], timeout: float = WAL_TIMEOUT_S
 ) -> None:
@@ -834,10 +846,18 @@ async def _backup_with(
 
     files, dirs = list_data_dir(data_dir)
     plan = [PlannedFile(f, *plan_file(f, previous.get(f.path), reuse_before)) for f in files]
-    entries, totals = await asyncio.to_thread(
-        copy_files, repo, plan, previous, workers=workers, skip_lsn_from=start_lsn,
-        on_progress=on_progress,
-    )
+    # WAL already spooled (written since the last upload) goes up while files are copied, so
+    # step 7 waits only for the segments of the backup itself.
+    early_wal = asyncio.create_task(asyncio.to_thread(_upload_spool_early, settings, repo))
+    try:
+        entries, totals = await asyncio.to_thread(
+            copy_files, repo, plan, previous, workers=workers, skip_lsn_from=start_lsn,
+            on_progress=on_progress,
+        )
+    finally:
+        conflict = await early_wal
+    if conflict is not None:
+        raise conflict
     await _check_reused_chunks(repo, entries)
     lap("copy")
 

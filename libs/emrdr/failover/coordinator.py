@@ -51,7 +51,7 @@ from emrdr.failover.observations import read_batches
 from emrdr.failover.rejoin import rejoin_as_replica
 from emrdr.failover.switchover import execute_switchover
 from emrdr.messages.base import Message
-from emrdr.messages.commands import PromoteNode, StartBackup, Switchover
+from emrdr.messages.commands import ActivateDrSite, PromoteNode, StartBackup, Switchover
 from emrdr.messages.events import (
     ClusterObserved,
     FailoverCompleted,
@@ -604,4 +604,45 @@ class Coordinator:
                 steps, old=primary, target=command.to_node, epoch=epoch,
                 reason=f"switchover to {command.to_node} requested by {command.issuer.actor}",
                 cause=command, started=started, instances=instances, rejoin_old=False,
+            )
+
+    async def on_activate_dr_site(self, command: ActivateDrSite, ctx: HandlerContext) -> None:
+        """Seed scenario 2: the primary site is lost; a new primary from the repository."""
+        from emrdr.engine.repository import open_repository
+        from emrdr.failover.drsite import activate_dr_site
+        from emrdr.natsserver import free_port
+
+        epoch = self._require_lease()
+        async with self.acting:
+            if not await self._check_lease(epoch, command):
+                return
+            record = await self.read_primary()
+            old = record.get("node") if record else None
+            target_dir = (Path(command.target_dir) if command.target_dir
+                          else self.settings.home / "dr-site" / "data")
+            port = command.port or free_port("127.0.0.1")
+            started = time.perf_counter()
+            self.in_progress = f"DR-site activation into {target_dir} (epoch {epoch})"
+            try:
+                repo = await asyncio.to_thread(open_repository, self.settings)
+                result = await activate_dr_site(
+                    self.settings, repo, target_dir, port,
+                    on_step=lambda s: self._publish_step(s, epoch, command),
+                    epoch=epoch, actor=self.service.source,
+                )
+                steps = result.steps
+                name, host = result.node, result.host
+            except Exception as exc:  # no repository, no key: nothing was started
+                steps = [StepResult("open-repository", False,
+                                    f"{type(exc).__name__}: {exc}", 0.0)]
+                name, host = "dr-site", "127.0.0.1"
+            finally:
+                self.in_progress = None
+            site = PgInstance(target_dir.parent, port, name, host=host,
+                              bindir=self.settings.pg.bindir)
+            await self._finish(
+                steps, old=old, target=name, epoch=epoch,
+                reason=f"DR-site activation requested by {command.issuer.actor}: newest backup "
+                       f"and all archived WAL restored into {target_dir}",
+                cause=command, started=started, instances={name: site}, rejoin_old=False,
             )
