@@ -8,10 +8,10 @@ PostgreSQL 15 nodes run as PostgreSQL's unprivileged OS user. Two failures, medi
 
 The figure is the time from the kill to the first insert acknowledged by any node.
 
-    python3 -m venv /tmp/patroni-venv && /tmp/patroni-venv/bin/pip install 'patroni[etcd3]' \\
-        psycopg2-binary
+    /usr/bin/python3 -m venv /tmp/patroni-venv2   # the system Python: the OS user must reach it
+    /tmp/patroni-venv2/bin/pip install 'patroni[etcd3]' psycopg2-binary
     apt-get install etcd-server
-    python -m benchmarks.patroni_bench --patroni /tmp/patroni-venv/bin/patroni --runs 3
+    python -m benchmarks.patroni_bench --patroni /tmp/patroni-venv2/bin/patroni --runs 3
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def run(patroni: str, dcs: dict[str, int], mode: str, runs: int) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patroni", default="/tmp/patroni-venv/bin/patroni")
+    parser.add_argument("--patroni", default="/tmp/patroni-venv2/bin/patroni")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--modes", default="postmaster,node")

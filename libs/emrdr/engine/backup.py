@@ -41,14 +41,29 @@ from pathlib import Path
 from typing import Literal
 
 import asyncpg
+import numpy as np
 
 from emrdr.config import PgNode, Settings
 from emrdr.engine.pagecheck import (
     BLCKSZ,
+    bad_pages,
     bad_pages_of_files,
     first_block_of,
     is_checksummed_file,
     verify_pages,
+)
+from emrdr.engine.pages import (
+    Blocks,
+    ParentPages,
+    encode_page_map,
+    is_overlay_candidate,
+    live_blocks,
+    make_overlay,
+    page_headers,
+    pieces_checksum,
+    region_action,
+    unchanged_pages,
+    with_live,
 )
 from emrdr.engine.repository import Repository
 from emrdr.engine.wal import WalConflict, upload_spool
@@ -56,7 +71,7 @@ from emrdr.pg import emr_seed
 from emrdr.pg.lsn import format_lsn, parse_lsn, segment_name_from_number
 from emrdr.repo import DEFAULT_CHUNK_SIZE, ChunkRef, RepoError
 from emrdr.repo.chunks import ChunkSession, checksum_of_digests
-from emrdr.repo.manifest import FileEntry, Manifest, backup_id_for, started_key
+from emrdr.repo.manifest import FileEntry, Manifest, PageOverlay, backup_id_for, started_key
 
 __all__ = [
     "MTIME_SAFETY_MARGIN_S",
@@ -115,7 +130,7 @@ class SourceFile:
 @dataclass(frozen=True)
 class PlannedFile:
     source: SourceFile
-    action: Literal["read", "reuse"]
+    action: Literal["read", "reuse", "pages"]  # pages: changed pages only (engine.pages)
     reason: str
 
 
@@ -213,6 +228,48 @@ def plan_file(
     if source.mtime >= reuse_before:
         return "read", "modified too close to the parent backup's start to trust the timestamp"
     return "reuse", "unchanged since the parent backup"
+
+
+def plan_pages(
+    planned: PlannedFile, previous: FileEntry | None, parent: Manifest | None
+) -> PlannedFile:
+    """Turn a planned read into a read of changed pages when the parent recorded the file's
+    pages (relation main fork of whole pages, same timeline, see emrdr.engine.pages)."""
+    if planned.action != "read" or parent is None or previous is None:
+        return planned
+    if previous.page_map is None or previous.size % BLCKSZ:
+        return planned
+    ok, _why = is_overlay_candidate(planned.source.path, planned.source.size)
+    if not ok:
+        return planned
+    return PlannedFile(planned.source, "pages",
+                       f"{planned.reason}: changed pages only (page LSNs vs the parent's)")
+
+
+def load_parent_pages(
+    repo: Repository, plan: list[PlannedFile], previous: dict[str, FileEntry],
+    parent: Manifest | None, notes: list[str], chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, ParentPages]:
+    """The parent's page records of the files planned ``pages`` (a file whose record cannot
+    be read is read whole instead, with a note)."""
+    wanted = [p.source.path for p in plan if p.action == "pages"]
+    if parent is None or not wanted:
+        return {}
+    start = parse_lsn(parent.start_lsn)
+
+    def one(path: str) -> ParentPages | None:
+        entry = previous[path]
+        try:
+            blob = repo.chunks.get(entry.page_map or "")
+            return ParentPages.build(entry, start, blob, first_block_of(path),
+                                     chunk_size // BLCKSZ)
+        except (RepoError, ValueError) as exc:
+            notes.append(f"{path}: parent page record unusable ({exc}); read whole")
+            return None
+
+    with ThreadPoolExecutor(4, thread_name_prefix="backup-pagemap") as pool:
+        got = dict(zip(wanted, pool.map(one, wanted), strict=True))
+    return {k: v for k, v in got.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -313,8 +370,9 @@ class _Totals:
     read: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, refs: list[ChunkRef], on_progress: ProgressFn | None) -> None:
-        n = sum(r.raw_size for r in refs)
+    def add(self, refs: list[ChunkRef], on_progress: ProgressFn | None,
+            read: int | None = None) -> None:
+        n = sum(r.raw_size for r in refs) if read is None else read
         with self.lock:
             self.done += n
             self.read += n
@@ -341,6 +399,7 @@ class _Piece:
     failures: list[int] = field(default_factory=list)
     complete: bool = True
     vanished: bool = False
+    headers: tuple[np.ndarray, np.ndarray] | None = None  # page LSNs and checksums (maps)
 
 
 def _pread(path: Path, offset: int, length: int) -> bytes | None:
@@ -383,6 +442,8 @@ def _read_unit(
     if data is None:
         return _Piece(vanished=True)
     piece = _Piece(complete=len(data) == length)
+    if is_overlay_candidate(source.path, source.size)[0]:
+        piece.headers = page_headers(data)
     if is_checksummed_file(source.path):
         base = first_block_of(source.path)
         first = base + offset // BLCKSZ
@@ -414,14 +475,18 @@ def _read_small(
         base = parts[part][1]
         if _reverify(sources[i].abs_path, block - base, block, skip_lsn_from):
             pieces[i].failures.append(block)
-    for piece, data in zip(pieces, datas, strict=True):
+    for s, piece, data in zip(sources, pieces, datas, strict=True):
         if data is not None:
+            if is_overlay_candidate(s.path, s.size)[0]:
+                piece.headers = page_headers(data)
             piece.chunks = _store(session, data, chunk_size)
             totals.add(piece.chunks, on_progress)
     return pieces
 
 
-def _entry_from(source: SourceFile, pieces: list[_Piece], chunk_size: int) -> FileEntry | None:
+def _entry_from(
+    source: SourceFile, pieces: list[_Piece], chunk_size: int, session: ChunkSession | None = None
+) -> FileEntry | None:
     """The manifest entry of a file read in ``pieces`` (None if it vanished meanwhile).
 
     A file that ended early (truncated while read) is kept up to its first short chunk: WAL
@@ -440,7 +505,15 @@ def _entry_from(source: SourceFile, pieces: list[_Piece], chunk_size: int) -> Fi
                 break
         if short or not piece.complete:
             break
+    page_map: str | None = None
+    size = sum(r.raw_size for r in refs)
+    if session is not None and size == source.size and all(p.headers for p in pieces):
+        lsn = np.concatenate([p.headers[0] for p in pieces if p.headers])
+        ck = np.concatenate([p.headers[1] for p in pieces if p.headers])
+        if lsn.shape[0] * BLCKSZ == size:
+            page_map = session.put(encode_page_map(lsn, ck)).id
     return FileEntry(
+        page_map=page_map,
         path=source.path,
         size=sum(r.raw_size for r in refs),
         mode=source.mode,
@@ -465,15 +538,19 @@ def copy_files(
     skip_lsn_from: int | None,
     on_progress: ProgressFn | None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    parents: dict[str, ParentPages] | None = None,
 ) -> tuple[list[FileEntry], _Totals]:
     """Read the planned files on ``workers`` threads (reused files are not opened).
 
     Big files are cut into :data:`READ_UNIT` tasks (largest files first), small ones batched;
     each task reads, checks pages, hashes, compresses and seals (all GIL-free in C), and
-    hands the objects to the chunk session's writer threads.  Returns only once every new
-    chunk is durable."""
+    hands the objects to the chunk session's writer threads.  Files planned ``pages`` (with
+    their parent's record in ``parents``) are read in spans of :data:`SPAN_REGIONS` regions
+    and only their changed pages stored (:mod:`emrdr.engine.pages`); one that changed size
+    while read is read again whole.  Returns only once every new chunk is durable."""
     if READ_UNIT % chunk_size:
         raise ValueError(f"chunk size {chunk_size} does not divide the read unit {READ_UNIT}")
+    parents = parents or {}
     totals = _Totals(total=sum(p.source.size for p in plan))
     entries: dict[str, FileEntry] = {}
     for p in plan:
@@ -481,12 +558,17 @@ def copy_files(
             entries[p.source.path] = _reused_entry(p.source, previous[p.source.path])
             with totals.lock:
                 totals.done += p.source.size
-    to_read = sorted(
-        (p.source for p in plan if p.action == "read"), key=lambda s: (-s.size, s.path)
+    by_pages = sorted(
+        (p.source for p in plan if p.action == "pages" and p.source.path in parents),
+        key=lambda s: (-s.size, s.path),
     )
-    big = [s for s in to_read if s.size > READ_UNIT]
-    small = [s for s in to_read if s.size <= READ_UNIT]
+    paged = {s.path for s in by_pages}
+    to_read = sorted(
+        (p.source for p in plan if p.action in ("read", "pages") and p.source.path not in paged),
+        key=lambda s: (-s.size, s.path),
+    )
     pieces: dict[str, list[_Piece | None]] = {}
+    spans: dict[str, list[_PageSpan | None]] = {}
 
     def unit(session: ChunkSession, s: SourceFile, index: int) -> None:
         pieces[s.path][index] = _read_unit(
@@ -503,18 +585,23 @@ def copy_files(
         for s, piece in zip(group, read, strict=True):
             pieces[s.path][0] = piece
 
-    with (
-        repo.chunks.session(io_threads=IO_THREADS) as session,
-        ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-read") as pool,
-    ):
+    def span(session: ChunkSession, s: SourceFile, index: int, first: int, last: int) -> None:
+        spans[s.path][index] = _read_page_span(
+            session, s, parents[s.path], first, last, skip_lsn_from=skip_lsn_from,
+            chunk_size=chunk_size, totals=totals, on_progress=on_progress,
+        )
+
+    def submit_regular(
+        pool: ThreadPoolExecutor, session: ChunkSession, sources: list[SourceFile]
+    ) -> list[Future[None]]:
         futures: list[Future[None]] = []
-        for s in big:
+        for s in (s for s in sources if s.size > READ_UNIT):
             count = -(-s.size // READ_UNIT)
             pieces[s.path] = [None] * count
             futures.extend(pool.submit(unit, session, s, i) for i in range(count))
         group: list[SourceFile] = []
         group_bytes = 0
-        for s in small:
+        for s in (s for s in sources if s.size <= READ_UNIT):
             pieces[s.path] = [None]
             group.append(s)
             group_bytes += s.size
@@ -523,13 +610,192 @@ def copy_files(
                 group, group_bytes = [], 0
         if group:
             futures.append(pool.submit(batch, session, group))
+        return futures
+
+    with (
+        repo.chunks.session(io_threads=IO_THREADS) as session,
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="backup-read") as pool,
+    ):
+        futures: list[Future[None]] = []
+        region_pages = chunk_size // BLCKSZ
+        for s in by_pages:
+            regions = -(-s.size // chunk_size)
+            bounds = list(range(0, regions, SPAN_REGIONS))
+            spans[s.path] = [None] * len(bounds)
+            futures.extend(
+                pool.submit(span, session, s, i, b, min(b + SPAN_REGIONS, regions))
+                for i, b in enumerate(bounds)
+            )
+        futures.extend(submit_regular(pool, session, to_read))
         _wait_all(futures)
-    for s in to_read:
-        done = [p for p in pieces[s.path] if p is not None]
-        entry = _entry_from(s, done, chunk_size) if len(done) == len(pieces[s.path]) else None
-        if entry is not None:
-            entries[s.path] = entry
+        again: list[SourceFile] = []
+        for s in by_pages:
+            done_spans = [x for x in spans[s.path] if x is not None]
+            if len(done_spans) != len(spans[s.path]) or any(x.vanished for x in done_spans):
+                continue
+            if not all(x.complete for x in done_spans):
+                again.append(s)  # changed size while read: store it whole
+                continue
+            entries[s.path] = _pages_entry(s, parents[s.path], done_spans, session,
+                                           region_pages)
+        if again:
+            to_read.extend(again)
+            _wait_all(submit_regular(pool, session, again))
+        for s in to_read:
+            done = [p for p in pieces[s.path] if p is not None]
+            entry = (
+                _entry_from(s, done, chunk_size, session)
+                if len(done) == len(pieces[s.path]) else None
+            )
+            if entry is not None:
+                entries[s.path] = entry
     return [entries[k] for k in sorted(entries)], totals
+
+
+#: Regions (chunks) read per task of a file stored by changed pages (128 MiB at 4 MiB chunks).
+SPAN_REGIONS = 32
+
+
+@dataclass
+class _PageSpan:
+    """What reading regions of a file by pages gave (see :func:`_read_page_span`)."""
+
+    rebased: dict[int, ChunkRef] = field(default_factory=dict)
+    overlays: list[tuple[ChunkRef, Blocks]] = field(default_factory=list)
+    superseded: list[Blocks] = field(default_factory=list)  # parent copies no longer live
+    lsn: list[np.ndarray] = field(default_factory=list)
+    ck: list[np.ndarray] = field(default_factory=list)
+    failures: list[int] = field(default_factory=list)
+    complete: bool = True
+    vanished: bool = False
+
+
+def _read_page_span(
+    session: ChunkSession, source: SourceFile, parent: ParentPages, first: int, last: int, *,
+    skip_lsn_from: int | None, chunk_size: int, totals: _Totals, on_progress: ProgressFn | None,
+) -> _PageSpan:
+    """Regions ``first``..``last`` (exclusive) of a file: compare page headers with the
+    parent's record, store changed pages packed into overlay chunks (a region with too many
+    of them, or a new one, whole as a base chunk); record every page's header."""
+    out = _PageSpan()
+    region_pages = chunk_size // BLCKSZ
+    file_pages = source.size // BLCKSZ
+    base_block = first_block_of(source.path)
+    pend_blocks: list[Blocks] = []
+    pend_pages: list[bytes] = []
+    pend_n = 0
+
+    def flush() -> None:
+        nonlocal pend_n
+        if not pend_n:
+            return
+        blocks = np.concatenate(pend_blocks)
+        ref = session.put(b"".join(pend_pages))
+        out.overlays.append((ref, blocks))
+        totals.add([ref], on_progress, read=0)
+        pend_blocks.clear()
+        pend_pages.clear()
+        pend_n = 0
+
+    for r in range(first, last):
+        start, end = r * region_pages, min((r + 1) * region_pages, file_pages)
+        data = _pread(source.abs_path, start * BLCKSZ, (end - start) * BLCKSZ)
+        if data is None:
+            out.vanished = True
+            return out
+        if len(data) != (end - start) * BLCKSZ:
+            out.complete = False
+            return out
+        lsn, ck = page_headers(data)
+        out.lsn.append(lsn)
+        out.ck.append(ck)
+        known = max(0, min(end, parent.pages) - start)
+        same = np.zeros(end - start, dtype=bool)
+        if known:
+            k = slice(start, start + known)
+            same[:known] = unchanged_pages(lsn[:known], ck[:known], parent.lsn[k], parent.ck[k],
+                                           parent.start_lsn, parent.bad[k])
+        changed = np.nonzero(~same)[0]
+        live_kept = int(np.count_nonzero((parent.owner[start:start + known] >= 0) & same[:known]))
+        action, _why = region_action(region_pages, parent.region_base_pages(r), start, end,
+                                     file_pages, int(changed.size), live_kept)
+        if action == "rebase":
+            for bad in verify_pages(data, base_block + start, skip_lsn_from):
+                if _reverify(source.abs_path, bad.block - base_block, bad.block, skip_lsn_from):
+                    out.failures.append(bad.block)
+            ref = session.put(data)
+            out.rebased[r] = ref
+            out.superseded.append(np.arange(start, end, dtype=np.int64))
+            totals.add([ref], on_progress, read=len(data))
+            continue
+        totals.add([], on_progress, read=len(data))
+        if action == "keep":
+            continue
+        view = np.frombuffer(data, dtype=np.uint8).reshape(-1, BLCKSZ)
+        packed = view[changed].tobytes()
+        blocks = changed.astype(np.int64) + start
+        for i, _stored, _computed in bad_pages(packed, blocks + base_block, skip_lsn_from):
+            block = int(blocks[i])
+            if _reverify(source.abs_path, block, block + base_block, skip_lsn_from):
+                out.failures.append(block + base_block)
+        out.superseded.append(blocks)
+        # pack into chunks of at most one region's worth of pages
+        offset = 0
+        while offset < blocks.size:
+            take = min(region_pages - pend_n, blocks.size - offset)
+            pend_blocks.append(blocks[offset:offset + take])
+            pend_pages.append(packed[offset * BLCKSZ:(offset + take) * BLCKSZ])
+            pend_n += take
+            offset += take
+            if pend_n >= region_pages:
+                flush()
+    flush()
+    return out
+
+
+def _pages_entry(
+    source: SourceFile, parent: ParentPages, spans: list[_PageSpan], session: ChunkSession,
+    region_pages: int,
+) -> FileEntry:
+    """The manifest entry of a file stored as base chunks + merged overlays."""
+    file_pages = source.size // BLCKSZ
+    regions = -(-file_pages // region_pages)
+    rebased = {r: ref for sp in spans for r, ref in sp.rebased.items()}
+    chunks: list[str] = []
+    base_pages = 0
+    for r in range(regions):
+        if r in rebased:
+            chunks.append(rebased[r].id)
+            base_pages += rebased[r].raw_size // BLCKSZ
+        else:
+            chunks.append(parent.entry.chunks[r])
+            base_pages += parent.region_base_pages(r)
+    superseded = (np.concatenate([b for sp in spans for b in sp.superseded])
+                  if any(sp.superseded for sp in spans) else np.zeros(0, dtype=np.int64))
+    overlays: list[PageOverlay] = []
+    for o in parent.entry.overlays:
+        live = live_blocks(o)
+        live = live[(live < file_pages) & ~np.isin(live, superseded)]
+        kept = with_live(o, live)
+        if kept is not None:
+            overlays.append(kept)
+    overlays.extend(make_overlay(ref.id, blocks) for sp in spans for ref, blocks in sp.overlays)
+    lsn = np.concatenate([a for sp in spans for a in sp.lsn])
+    ck = np.concatenate([a for sp in spans for a in sp.ck])
+    page_map = session.put(encode_page_map(lsn, ck)).id
+    return FileEntry(
+        path=source.path,
+        size=source.size,
+        mode=source.mode,
+        mtime=source.mtime,
+        sha256=pieces_checksum(chunks, overlays),
+        sha256_of="pieces",
+        chunks=chunks,
+        checksum_failures=sorted({b for sp in spans for b in sp.failures}),
+        overlays=overlays,
+        base_size=None if base_pages == file_pages else base_pages * BLCKSZ,
+        page_map=page_map,
+    )
 
 
 def _wait_all(futures: list[Future[None]]) -> None:
@@ -820,9 +1086,14 @@ async def _backup_with(
     ids.append(backup_id)
     label = label or f"emrdr {backup_id}"
 
+    pages_from = parent if parent is not None and parent.timeline == timeline else None
+    if parent is not None and pages_from is None:
+        notes.append(f"parent {parent.backup_id} is on timeline {parent.timeline}: relation "
+                     "files are not compared page by page")
     if dry_run:
         files, _dirs = list_data_dir(data_dir)
         plan = [PlannedFile(f, *plan_file(f, previous.get(f.path), reuse_before)) for f in files]
+        plan = [plan_pages(p, previous.get(p.source.path), pages_from) for p in plan]
         return _dry_result(backup_id, kind, parent, plan, notes, t0, timeline)
 
     repo.mark_started(backup_id, {
@@ -846,13 +1117,16 @@ async def _backup_with(
 
     files, dirs = list_data_dir(data_dir)
     plan = [PlannedFile(f, *plan_file(f, previous.get(f.path), reuse_before)) for f in files]
+    plan = [plan_pages(p, previous.get(p.source.path), pages_from) for p in plan]
+    parents = await asyncio.to_thread(load_parent_pages, repo, plan, previous, pages_from,
+                                      notes)
     # WAL already spooled (written since the last upload) goes up while files are copied, so
     # step 7 waits only for the segments of the backup itself.
     early_wal = asyncio.create_task(asyncio.to_thread(_upload_spool_early, settings, repo))
     try:
         entries, totals = await asyncio.to_thread(
             copy_files, repo, plan, previous, workers=workers, skip_lsn_from=start_lsn,
-            on_progress=on_progress,
+            on_progress=on_progress, parents=parents,
         )
     finally:
         conflict = await early_wal
@@ -937,7 +1211,7 @@ async def _backup_with(
 async def _check_reused_chunks(repo: Repository, entries: list[FileEntry]) -> None:
     """Reused chunk lists point at the parent's chunks: make sure they still exist (retention
     could have removed the parent meanwhile)."""
-    ids = sorted({c for e in entries if e.reused for c in e.chunks})
+    ids = sorted({c for e in entries if e.reused or e.sha256_of == "pieces" for c in e.chunk_ids()})
     if not ids:
         return
 

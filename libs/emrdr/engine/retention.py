@@ -416,7 +416,7 @@ def enforce_retention(
                           policy, holds)
     result = RetentionResult(plan, dry_run, unreadable=unreadable)
     remaining = {b: m for b, m in manifests.items() if b not in plan.remove_backups}
-    referenced = {c for m in remaining.values() for f in m.files for c in f.chunks}
+    referenced = {c for m in remaining.values() for c in m.chunk_ids()}
     candidates = _chunk_ids(repo) - referenced
     freed = _sizes(repo, [k for b in plan.remove_backups
                           for k in (manifest_key(b), manifest_copy_key(b), started_key(b))])
@@ -477,7 +477,7 @@ def _collect(
                 m = repo.read_manifest(bid)
             except (IntegrityError, ObjectNotFound):
                 return 0, 0, f"backup {bid} completed during GC and its manifest is unreadable"
-            candidates -= {c for f in m.files for c in f.chunks}
+            candidates -= m.chunk_ids()
         removed = freed = 0
         for cid in sorted(candidates):
             key = chunk_key(cid)

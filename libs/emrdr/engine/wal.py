@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,17 +206,25 @@ def _wal_key(name: str) -> str:
     return wal_key(name)
 
 
+DEFAULT_UPLOAD_WORKERS = max(2, min(4, os.cpu_count() or 2))
+
+
 def upload_spool(
     settings: Settings,
     repo: Repository,
     on_archived: Callable[[UploadedSegment], None] | None = None,
     *,
     spool: Path | None = None,
+    workers: int = DEFAULT_UPLOAD_WORKERS,
 ) -> list[UploadedSegment]:
-    """Upload every spooled WAL file, oldest first; returns what was uploaded.
+    """Upload every spooled WAL file; returns what was uploaded, in completion order.
 
-    A file that conflicts with the repository is moved to ``spool/../wal-conflicts/`` and the
-    others still go; :class:`WalConflict` is raised at the end naming every conflicting file.
+    ``workers`` files are read, compressed, sealed and put at once (zstd, AES-GCM, hashing and
+    fsync release the GIL), at most ``2 * workers`` in flight so memory stays bounded.  Each file
+    leaves the spool only after its own put returned, so the order of completion does not
+    matter for correctness.  ``on_archived`` is called on this thread.  A file that conflicts
+    with the repository is moved to ``spool/../wal-conflicts/`` and the others still go;
+    :class:`WalConflict` is raised at the end naming every conflicting file.
     """
     spool = spool or spool_dir(settings)
     if not spool.is_dir():
@@ -224,21 +232,45 @@ def upload_spool(
     uploaded: list[UploadedSegment] = []
     conflicts: list[str] = []
     kept: list[Path] = []
-    with _upload_lock(spool):
+    failure: BaseException | None = None
+
+    def settle(name: str, fut: Future[UploadedSegment | None]) -> None:
+        nonlocal failure
+        try:
+            result = fut.result()
+        except ObjectExists:
+            conflicts.append(name)
+            kept.append(_keep_aside(spool, name))
+            return
+        except Exception as exc:  # the others still go; the first failure is raised at the end
+            failure = failure or exc
+            return
+        if result is None:
+            return
+        uploaded.append(result)
+        if on_archived is not None:
+            on_archived(result)
+
+    with _upload_lock(spool), ThreadPoolExecutor(
+        max(1, workers), thread_name_prefix="wal-upload"
+    ) as pool:
+        pending: dict[Future[UploadedSegment | None], str] = {}
         for name in spool_names(spool):
-            try:
-                result = upload_one(repo, spool, name)
-            except ObjectExists:
-                conflicts.append(name)
-                kept.append(_keep_aside(spool, name))
-                continue
-            if result is None:
-                continue
-            uploaded.append(result)
-            if on_archived is not None:
-                on_archived(result)
+            if failure is not None:  # e.g. the repository is unreachable: stop submitting
+                break
+            while len(pending) >= 2 * max(1, workers):
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    settle(pending.pop(fut), fut)
+            pending[pool.submit(upload_one, repo, spool, name)] = name
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                settle(pending.pop(fut), fut)
     if conflicts:
         raise WalConflict(conflicts, kept, uploaded)
+    if failure is not None:
+        raise failure
     return uploaded
 
 

@@ -13,6 +13,20 @@ Repository layout (every object immutable; retention deletes whole objects)::
     wal/history/<tli>.history              sealed timeline history files
     verifications/<backup_id>/<when>.json  restore-drill results (the verifier)
 
+Page-level incrementals (relation main-fork files of at least ``PAGES_MIN_BYTES``, see
+``emrdr.engine.pages``): a file's content is its *base* ``chunks`` (4 MiB regions, as in a full)
+with an *overlay* on top: ``overlays`` are chunks of packed 8 KiB pages (at most one region's
+worth each), each listing which file blocks it holds and which of them are still *live*.  Every
+page is live in at most one overlay, so restore writes base chunks, then each live overlay page
+once, then cuts the file to ``size`` -- one merged overlay set, never a chain of backups.
+An incremental finds changed pages by their header: a page is unchanged since the parent when
+its LSN is below the parent's start LSN and (LSN, pd_checksum) equal what the parent recorded
+for it (``page_map``: a chunk holding every page's LSN and checksum, per file) and the parent's
+copy verified.  Changed pages go to new overlays (old overlays lose those live pages); a region
+whose live overlay pages would exceed ``REBASE_FRACTION`` of it is stored whole again as a new
+base chunk instead (restore cost stays bounded).  Full backups always store whole files.
+Such entries have ``sha256_of == "pieces"``.
+
 Backup ids sort by time: ``20261126T020000Z-F`` (full) / ``-I`` (incremental).
 A manifest is JSON, zstd-compressed, sealed with associated data ("manifest", backup_id).
 """
@@ -58,6 +72,23 @@ def verification_key(backup_id: str, when: datetime) -> str:
     return f"verifications/{backup_id}/{when.astimezone(UTC):%Y%m%dT%H%M%SZ}.json"
 
 
+class PageOverlay(BaseModel):
+    """Packed pages of one file stored as one chunk, applied on top of the base chunks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk: str = Field(description="Chunk holding the pages, in ascending block order.")
+    first_block: int = Field(description="File-relative block of bit 0 of the bitmaps.")
+    blocks: str = Field(
+        description="Which blocks the chunk holds: base64 of a zlib-deflated bitmap "
+        "(numpy packbits, little bit order) starting at ``first_block``."
+    )
+    live: str | None = Field(
+        default=None, description="Subset of ``blocks`` still applied (same encoding); None = all."
+    )
+    pages: int = Field(description="Pages in the chunk.")
+
+
 class FileEntry(BaseModel):
     """One file of the data directory as backed up."""
 
@@ -70,12 +101,16 @@ class FileEntry(BaseModel):
     sha256: str = Field(
         description="Checksum of the content as backed up: see ``sha256_of``."
     )
-    sha256_of: Literal["content", "chunks"] = Field(
+    sha256_of: Literal["content", "chunks", "pieces"] = Field(
         default="content",
         description="What ``sha256`` is the SHA-256 (hex) of: 'content' = the whole file; "
         "'chunks' = the concatenated 32-byte SHA-256 digests of its chunks (``chunk_size`` "
         "pieces) in file order, which backup and restore get from the one hashing pass that "
-        "also names each chunk (emrdr.repo.chunks.file_checksum computes either form).",
+        "also names each chunk (emrdr.repo.chunks.file_checksum computes either form); "
+        "'pieces' (page overlays) = the 32-byte ids of the base chunks in order, then per "
+        "overlay its id and the SHA-256 of its live block numbers (uint32 LE): restore checks "
+        "every chunk against its keyed id, so this binds the file to exactly these page images "
+        "(emrdr.engine.pages.pieces_checksum).",
     )
     chunks: list[str] = Field(default_factory=list, description="Chunk ids, in file order.")
     checksum_failures: list[int] = Field(
@@ -84,6 +119,23 @@ class FileEntry(BaseModel):
     reused: bool = Field(
         default=False, description="Unchanged since the parent backup; chunk list taken from it."
     )
+    overlays: list[PageOverlay] = Field(
+        default_factory=list, description="Page overlays applied in order on top of ``chunks``."
+    )
+    base_size: int | None = Field(
+        default=None, description="Bytes the base ``chunks`` hold (None: ``size``)."
+    )
+    page_map: str | None = Field(
+        default=None, description="Chunk with the LSN and pd_checksum of every page as backed "
+        "up (relation files; what the next incremental compares against)."
+    )
+
+    def chunk_ids(self) -> list[str]:
+        """Every chunk this entry needs kept: base chunks, overlay chunks, page map."""
+        out = list(self.chunks) + [o.chunk for o in self.overlays]
+        if self.page_map is not None:
+            out.append(self.page_map)
+        return out
 
 
 class Manifest(BaseModel):
@@ -129,3 +181,7 @@ class Manifest(BaseModel):
         default_factory=dict, description="EMR table row counts at backup end (verifier check)."
     )
     canary_written: bool = False
+
+    def chunk_ids(self) -> set[str]:
+        """Every chunk this backup references (what retention's GC must keep)."""
+        return {c for f in self.files for c in f.chunk_ids()}

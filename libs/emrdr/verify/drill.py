@@ -414,7 +414,7 @@ def _in_sandbox(
     report.restore_seconds = result.duration_s
     report.bytes_restored = result.bytes_restored
     report.reached = result.reached
-    chunks = sum(len(f.chunks) for f in manifest.files)
+    chunks = sum(len(f.chunk_ids()) for f in manifest.files)
     add(CheckResult(name=C_OBJECTS, passed=True,
                     detail=f"{chunks} chunk reads and {result.wal_staged} WAL files "
                            "authenticated"))

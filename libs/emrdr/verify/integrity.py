@@ -205,7 +205,7 @@ def check_repository(
     where: dict[str, str] = {}
     for bid, m in manifests.items():
         for f in m.files:
-            for cid in f.chunks:
+            for cid in f.chunk_ids():
                 using = users.setdefault(cid, [])
                 if not using or using[-1] != bid:
                     using.append(bid)
