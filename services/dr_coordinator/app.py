@@ -17,11 +17,6 @@ from emrdr.messages.events import ClusterObserved, NodeHealthChanged
 NAME = "dr-coordinator"
 
 
-async def not_built(command: Any, ctx: HandlerContext) -> None:
-    where = "issue #4" if command.type == "RecoverCorruption" else "issue #5"
-    raise NotAvailableYet(f"{command.type}: the DR runbooks land with {where}")
-
-
 def build(service: Service) -> None:
     build_coordinator(service)
 
@@ -43,7 +38,7 @@ def build_coordinator(service: Service) -> Coordinator:
                 await jobs.corruption_job(command, service.settings, ctx.envelope(), ctx.publish)
             )
         else:
-            await not_built(command, ctx)
+            raise NotAvailableYet(f"{command.type} is not handled by the dr-coordinator")
 
     service.on_command("emrdr.cmd.dr.>", dr_command)
     service.on_event(

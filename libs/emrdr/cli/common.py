@@ -120,9 +120,3 @@ def _summary(event: Any) -> str:
     fields = event.model_dump(mode="json")
     parts = [f"{k}={v}" for k, v in fields.items() if k not in _SKIP and v not in (None, [], {})]
     return " ".join(parts)[:400]
-
-
-def not_available(what: str, issue_ref: str) -> int:
-    """For verbs that need no bus round trip: say clearly it is not built yet."""
-    print(f"emrdr: {what} is not available yet ({issue_ref})", file=sys.stderr)
-    return EXIT_NOT_AVAILABLE

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from emrdr.cli.common import add_json, issue, not_available
+from emrdr.cli.common import add_json, issue
 from emrdr.cli.errors import CliError
 
 
@@ -48,7 +48,25 @@ def run_rotate(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    return not_available("listing keys", "the backup engine, issue #3")
+    """Data keys of the repository (ids, order, creation, which is active) — no secrets."""
+    import json
+    from dataclasses import asdict
+
+    from emrdr.config import get_settings
+    from emrdr.engine.repository import open_repository
+
+    try:
+        repo = open_repository(get_settings())
+    except Exception as exc:
+        raise CliError(f"cannot open the repository: {type(exc).__name__}: {exc}") from None
+    keys = repo.keyring.list_keys()
+    if args.json:
+        print(json.dumps([asdict(k) for k in keys], indent=2))
+        return 0
+    print(f"key ring generation {repo.keyring.generation}")
+    for k in keys:
+        print(f"  {k.id:<24} #{k.seq:<3} created {k.created_at}  {'ACTIVE' if k.active else ''}")
+    return 0
 
 
 def run_new_identity(args: argparse.Namespace) -> int:
