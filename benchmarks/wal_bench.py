@@ -3,7 +3,10 @@
     python -m benchmarks.wal_bench --workdir W setup --scale 35      # cluster + repository
     python -m benchmarks.wal_bench --workdir W push --count 20       # p50 per 16 MiB segment
     python -m benchmarks.wal_bench --workdir W archive --seconds 30  # does archiving keep up?
+    python -m benchmarks.wal_bench --workdir W upload --workers 1,2,4 # burst upload rate
     python -m benchmarks.wal_bench --workdir W pitr --runs 3         # PITR to pgbench's end
+    python -m benchmarks.wal_bench --workdir W pitr --reuse --no-fast-replay
+    python -m benchmarks.wal_bench --workdir W stop
 
 ``archive`` runs ``pgbench -c 4 -j 2 -T 30`` against a sandbox cluster whose archive_command is
 the real push (``--push fast``: :func:`emrdr.cli.wal.archive_command`; ``--push console``:
@@ -311,7 +314,8 @@ def cmd_pitr(a: argparse.Namespace, work: Path, user: OsUser) -> dict[str, Any]:
             time.sleep(0.2)
         meta_file.write_text(json.dumps(meta))
     upload_spool(settings, repo)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    walls: list[float] = []
     target = RecoveryTarget(time=datetime.fromisoformat(meta["target"]))
     for i in range(a.runs):
         dest = work / "restores" / f"pitr-{i}"
@@ -320,8 +324,9 @@ def cmd_pitr(a: argparse.Namespace, work: Path, user: OsUser) -> dict[str, Any]:
         os.sync()
         t0 = time.perf_counter()
         res = restore_to_point(settings, repo, target, dest / "data", workers=a.workers,
-                               start=True)
+                               start=True, fast_replay=not a.no_fast_replay)
         total = time.perf_counter() - t0
+        walls.append(total)
         rows = subprocess.run(
             [str(settings.pg.bindir / "psql"), "-h", "127.0.0.1", "-p", str(res.port), "-U",
              "postgres", "-X", "-qAtc", "SELECT count(*) FROM pgbench_history", "postgres"],
@@ -333,8 +338,8 @@ def cmd_pitr(a: argparse.Namespace, work: Path, user: OsUser) -> dict[str, Any]:
             f"{runs[-1]['server_log_s']}")
         stop_restored(settings, dest / "data", user, mode="immediate")
         shutil.rmtree(dest.parent, ignore_errors=True)
-    walls = [r["wall_s"] for r in runs]
-    return {**meta, "runs": runs, "median_s": statistics.median(walls) if walls else None}
+    return {**meta, "fast_replay": not a.no_fast_replay, "runs": runs,
+            "median_s": round(statistics.median(walls), 2) if walls else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     pi.add_argument("--runs", type=int, default=3)
     pi.add_argument("--workers", type=int, default=2)
     pi.add_argument("--reuse", action="store_true", help="reuse the last backup + pgbench WAL")
+    pi.add_argument("--no-fast-replay", action="store_true",
+                    help="recover with the restored cluster's own settings (for comparison)")
     for sp in (ar, pi):
         sp.add_argument("--seconds", type=int, default=30)
         sp.add_argument("--clients", type=int, default=4)

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -35,9 +34,18 @@ import nats
 
 from emrdr.bus.runtime import SERVICE_NAMES
 from emrdr.bus.topology import bootstrap
+from emrdr.cli.wal import archive_command
 from emrdr.config import Settings
 from emrdr.natsserver import NatsServer, pid_alive
-from emrdr.pg.osuser import OsUser, can_exec_as, current_user, ensure_os_user, is_root, make_dir
+from emrdr.pg.osuser import (
+    OsUser,
+    can_access_as,
+    can_exec_as,
+    current_user,
+    ensure_os_user,
+    is_root,
+    make_dir,
+)
 from emrdr.pg.sandbox import SandboxCluster
 from emrdr.security import TrustStore, ensure_identity
 
@@ -78,9 +86,6 @@ class EmbeddedStack:
     @property
     def lock_file(self) -> Path:
         return self.settings.run_dir / "up.pid"
-
-    def emrdr_executable(self) -> Path:
-        return Path(sys.executable).parent / "emrdr"
 
     # --- start --------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
@@ -161,14 +166,19 @@ class EmbeddedStack:
         spool = self.home / "spool"
         make_dir(spool, user, 0o770)
         make_dir(spool / "wal", user, 0o770)
-        exe = self.emrdr_executable()
-        if not can_exec_as(user, exe):
-            raise StackError(
-                f"PostgreSQL runs as OS user {user.name}, who cannot run {exe} for "
-                "archive_command; put the virtual environment where that user can read it "
-                "(see README)"
-            )
-        archive = f"EMRDR_HOME={shlex.quote(str(self.home))} {shlex.quote(str(exe))} wal push %p"
+        import emrdr.cli.wal as wal_module
+
+        for needed, ok in (
+            (Path(sys.executable), can_exec_as(user, Path(sys.executable))),
+            (Path(wal_module.__file__), can_access_as(user, Path(wal_module.__file__), "r")),
+        ):
+            if not ok:
+                raise StackError(
+                    f"PostgreSQL runs as OS user {user.name}, who cannot use {needed} for "
+                    "archive_command; put the virtual environment and the checkout where that "
+                    "user can read them (see README)"
+                )
+        archive = archive_command(self.home)
         cluster = SandboxCluster(
             self.home / "pg",
             n_replicas=self.n_replicas,

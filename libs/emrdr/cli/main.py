@@ -8,13 +8,14 @@ PostgreSQL once per WAL segment) starts fast.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from emrdr.cli.errors import CliError
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -35,6 +36,9 @@ VERB_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="emrdr", description="Backup and disaster recovery for the EMR PostgreSQL cluster."
     )
@@ -47,15 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_wal_fast_path(args: list[str]) -> bool:
+    """``wal push PATH``, ``wal fetch NAME DEST`` or ``wal fetch NAME DEST --dir DIR``."""
+    if args[:2] == ["wal", "push"]:
+        return len(args) == 3 and not args[2].startswith("-")
+    if args[:2] == ["wal", "fetch"]:
+        rest = args[2:]
+        plain = len(rest) == 2 and not any(a.startswith("-") for a in rest)
+        with_dir = len(rest) == 4 and rest[2] == "--dir" and not rest[0].startswith("-")
+        return plain or with_dir
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:2] in (["wal", "push"], ["wal", "fetch"]) and not any(
-        a.startswith("-") for a in args_list[2:]
-    ):
-        # Fast path for archive_command / restore_command: no argparse tree, few imports.
+    if is_wal_fast_path(args_list):
+        # archive_command / restore_command: no argparse tree, no logging, few imports.
         from emrdr.cli import wal
 
         return wal.fast_main(args_list[1:])
+    import logging
+
     parser = build_parser()
     args = parser.parse_args(args_list)
     logging.basicConfig(

@@ -14,11 +14,13 @@ The procedure, in order (:func:`restore_backup`):
    last: without it PostgreSQL refuses to start a half-restored directory;
 4. create the empty directories PostgreSQL needs, write ``backup_label``, the recovery settings
    (appended to ``postgresql.auto.conf``, which is read last) and ``recovery.signal``;
-5. stage the WAL that recovery needs: decrypted in parallel by this process (the PostgreSQL OS
-   user cannot read the repository key) into a sibling directory ``<target>.wal-staging``
-   owned by that user; ``restore_command`` is a plain ``cp`` from there;
-6. with ``start``, start the server, wait until it has promoted, report the point reached and
-   remove the staged WAL.
+5. stage the WAL that recovery needs: decrypted by this process (the PostgreSQL OS user cannot
+   read the repository key) into a sibling directory ``<target>.wal-staging`` owned by that
+   user, on a thread while step 3 runs; ``restore_command`` is a plain ``cp`` from there;
+6. with ``start``, start the server with the recovery-only :func:`replay_settings` (fsync off,
+   large shared_buffers), wait until it has promoted, stop it cleanly, ``syncfs`` its file
+   system, drop those settings and start it again (fsync on) — only then is the restore done
+   and ``EMRDR_RESTORE_FAILED`` removed; report the point reached and remove the staged WAL.
 
 A restored copy never archives into the production spool (``archive_mode = off``), never
 follows a primary (``primary_conninfo`` cleared, no ``standby.signal``), listens on loopback
@@ -163,7 +165,7 @@ def staging_dir_for(target_dir: Path) -> Path:
 REPLAY_HEADER = "emrdr replay settings: recovery only, removed before the restore reports done"
 
 
-def replay_settings(mem_bytes: int | None = None) -> dict[str, str]:
+def replay_settings(mem_bytes: int | None = None, data_bytes: int = 0) -> dict[str, str]:
     """Settings that make replay fast, used only while emrdr runs the recovery itself.
 
     * ``fsync = off``: PostgreSQL then skips syncing the whole data directory at start, and
@@ -174,8 +176,10 @@ def replay_settings(mem_bytes: int | None = None) -> dict[str, str]:
     * ``shared_buffers`` an eighth of RAM, 128 MB to 2 GB: replay of a busy OLTP run stops
       evicting (and re-reading) pages; measured replay 2.2 s -> 0.9 s for 335 MB of pgbench WAL.
     * few restartpoints (``max_wal_size`` 4 GB, ``checkpoint_timeout`` 1 h; bounded so that a
-      long PITR does not keep all its WAL in ``pg_wal``); prefetch for data not in the page
-      cache (``recovery_prefetch``, ``maintenance_io_concurrency``, ``wal_decode_buffer_size``).
+      long PITR does not keep all its WAL in ``pg_wal``).
+    * ``recovery_prefetch`` only when the restored data (``data_bytes``) is more than half the
+      RAM: a smaller restore is still in the page cache and prefetching is then pure system
+      calls (measured on dataset B: replay system time 1.0-1.3 s -> 0.8 s).
     """
     mem = mem_bytes if mem_bytes is not None else _mem_total()
     buffers_mb = max(128, min(2048, mem // 8 >> 20))
@@ -184,7 +188,7 @@ def replay_settings(mem_bytes: int | None = None) -> dict[str, str]:
         "shared_buffers": f"{buffers_mb}MB",
         "max_wal_size": "4GB",
         "checkpoint_timeout": "1h",
-        "recovery_prefetch": "try",
+        "recovery_prefetch": "try" if data_bytes > mem // 2 else "off",
         "maintenance_io_concurrency": "64",
         "wal_decode_buffer_size": "4MB",
     }
@@ -528,8 +532,9 @@ def _stage_alongside(
     write: Callable[[], int], stage: Callable[[threading.Event], int]
 ) -> tuple[int, int]:
     """Run ``stage`` (WAL) on a thread while ``write`` (files) runs here: both are mostly
-    decryption and decompression, and the WAL no longer waits for the last file.  If either
-    fails the other is stopped and the first error raised.  Returns (written, staged)."""
+    decryption and decompression, and the WAL no longer waits for the last file.  A failure
+    to write stops the staging; a staging failure is raised once the files are written.
+    Returns (bytes written, bytes staged)."""
     stop = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="wal-stage") as pool:
         staged = pool.submit(stage, stop)
@@ -691,7 +696,8 @@ def restore_backup(
         )
         fast = start and fast_replay
         if fast:
-            text += "\n" + _render(replay_settings(), REPLAY_HEADER)
+            data_bytes = sum(e.size for e in entries)
+            text += "\n" + _render(replay_settings(data_bytes=data_bytes), REPLAY_HEADER)
         auto.write_text(text)
         (target_dir / "recovery.signal").write_text("")
 
