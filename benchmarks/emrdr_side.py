@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import shutil
 import sys
 from dataclasses import asdict, is_dataclass
@@ -72,7 +71,9 @@ class EmrdrSide:
         ensure_sandbox_key(make_settings(self.home, self.repos / "x", 3, None))
 
     def archive_command(self) -> str:
-        return f"EMRDR_HOME={shlex.quote(str(self.home))} {shlex.quote(str(self.exe))} wal push %p"
+        from emrdr.cli.wal import archive_command
+
+        return archive_command(self.home)
 
     def repo(self, name: str) -> Path:
         return self.repos / name
