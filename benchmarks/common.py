@@ -126,21 +126,26 @@ def run_measured(
     readers = [threading.Thread(target=drain, args=(fd,), daemon=True) for fd in chunks]
     for t in readers:
         t.start()
-    peak = 0
-    deadline = time.monotonic() + timeout
-    status = 0
-    rusage = None
-    while True:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        peak = max(peak, _tree_rss_kib(proc.pid))
-        if time.monotonic() > deadline:
-            proc.kill()
-            pid, status, rusage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(_SAMPLE_S)
+    # Memory is sampled on a thread; the wait itself blocks, so the wall time is exact (a
+    # polling wait would round every figure up to the sampling period).
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(_SAMPLE_S):
+            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        _, status, rusage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
+        done.set()
     wall = time.perf_counter() - t0
+    sampler.join(timeout=5)
     proc.returncode = os.waitstatus_to_exitcode(status)
     for t in readers:
         t.join(timeout=10)
@@ -152,7 +157,7 @@ def run_measured(
         stdout=b"".join(chunks[out_r]).decode(errors="replace"),
         stderr=b"".join(chunks[err_r]).decode(errors="replace"),
         maxrss_kib=maxrss,
-        tree_peak_rss_kib=max(peak, maxrss),
+        tree_peak_rss_kib=max(peak[0], maxrss),
     )
 
 
