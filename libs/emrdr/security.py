@@ -36,6 +36,7 @@ ALL_COMMANDS = frozenset(
         "StartRestore",
         "RestoreTable",
         "EnforceRetention",
+        "SetLegalHold",
         "RotateKeys",
         "StartVerification",
         "CheckIntegrity",

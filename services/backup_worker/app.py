@@ -19,6 +19,7 @@ from emrdr.messages.commands import (
     EnforceRetention,
     RestoreTable,
     RotateKeys,
+    SetLegalHold,
     StartBackup,
     StartRestore,
 )
@@ -53,8 +54,11 @@ def build(service: Service) -> None:
     async def restore_table(cmd: RestoreTable, ctx: HandlerContext) -> None:
         await ctx.publish(await jobs.table_restore_job(cmd, settings, ctx.envelope(), publish))
 
-    async def retention(cmd: EnforceRetention, ctx: HandlerContext) -> None:
-        await ctx.publish(await jobs.retention_job(cmd, settings, ctx.envelope()))
+    async def retention(cmd: EnforceRetention | SetLegalHold, ctx: HandlerContext) -> None:
+        if isinstance(cmd, SetLegalHold):
+            await ctx.publish(await jobs.hold_job(cmd, settings, ctx.envelope()))
+        else:
+            await ctx.publish(await jobs.retention_job(cmd, settings, ctx.envelope()))
 
     async def rotate(cmd: RotateKeys, ctx: HandlerContext) -> None:
         await ctx.publish(await jobs.rotate_job(cmd, settings, ctx.envelope()))

@@ -181,6 +181,24 @@ class TestEmbeddedStack:
         listed = json.loads(cli(home, "backups", "list", "--json").stdout)
         assert listed and listed[-1]["last_verification"]
 
+    def test_legal_hold_place_and_release(
+        self, stack: tuple[Up, dict[str, Any]], home: Path
+    ) -> None:
+        """A legal hold is a signed, audited command; `backups list` shows it."""
+        backup_id = json.loads(cli(home, "backups", "list", "--json").stdout)[-1]["backup_id"]
+        res = cli(home, "backups", "hold", backup_id, "--reason", "litigation case 42")
+        assert res.returncode == 0, res.stderr
+        listed = json.loads(cli(home, "backups", "list", "--json").stdout)
+        assert next(b for b in listed if b["backup_id"] == backup_id)["legal_hold"] is True
+        res = cli(home, "backups", "release", backup_id, "--reason", "case 42 closed")
+        assert res.returncode == 0, res.stderr
+        listed = json.loads(cli(home, "backups", "list", "--json").stdout)
+        assert next(b for b in listed if b["backup_id"] == backup_id)["legal_hold"] is False
+        audit = json.loads(
+            cli(home, "audit", "query", "--action", "LegalHoldChanged", "--json").stdout
+        )
+        assert len(audit) >= 2
+
     def test_table_restore_after_a_bad_update(
         self, stack: tuple[Up, dict[str, Any]], home: Path
     ) -> None:

@@ -19,6 +19,8 @@ VERBS = [
     ["backup", "full", "--verify", "--retention-days", "30", "--dry-run"],
     ["backup", "incremental"],
     ["backups", "list", "--json"],
+    ["backups", "hold", "20261126T020000Z-F", "--reason", "case 42"],
+    ["backups", "release", "20261126T020000Z-F", "--reason", "case closed"],
     ["wal", "push", "pg_wal/000000010000000000000001"],
     ["wal", "fetch", "000000010000000000000001", "/tmp/x"],
     ["verify", "latest"],

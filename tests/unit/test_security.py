@@ -96,6 +96,8 @@ class TestVerify:
         assert POLICY["compliance_officer"] == frozenset()
         assert "ActivateDrSite" in POLICY["emergency_responder"]
         assert "StartRestore" not in POLICY["backup_operator"]
+        assert "SetLegalHold" not in POLICY["backup_operator"]
+        assert "SetLegalHold" in POLICY["dba"]
 
 
 def test_command_from_the_future_is_refused(tmp_path: Path) -> None:

@@ -24,6 +24,16 @@ def register(sub: Any) -> None:
     ls = lst_sub.add_parser("list")
     add_json(ls)
     ls.set_defaults(func=run_list)
+    for verb, held, text in (
+        ("hold", True, "place a legal hold (kept whatever retention says)"),
+        ("release", False, "lift a legal hold"),
+    ):
+        h = lst_sub.add_parser(verb, help=text)
+        h.add_argument("backup_id")
+        h.add_argument("--reason", required=True, help="case number, request, ...")
+        h.add_argument("--timeout", type=float, default=300.0)
+        add_json(h)
+        h.set_defaults(func=run_hold, held=held)
 
 
 def run_backup(args: argparse.Namespace) -> int:
@@ -134,3 +144,14 @@ def run_list(args: argparse.Namespace) -> int:
             f"{r['timeline']:>3}  {_verification_text(r['last_verification']):<30} {flags}"
         )
     return 0
+
+
+def run_hold(args: argparse.Namespace) -> int:
+    from emrdr.messages.commands import SetLegalHold
+
+    return issue(
+        args,
+        lambda issuer: SetLegalHold(
+            issuer=issuer, backup_id=args.backup_id, held=args.held, reason=args.reason
+        ),
+    )

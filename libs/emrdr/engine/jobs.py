@@ -23,6 +23,7 @@ from emrdr.messages.commands import (
     RecoverCorruption,
     RestoreTable,
     RotateKeys,
+    SetLegalHold,
     StartBackup,
     StartRestore,
 )
@@ -36,6 +37,8 @@ from emrdr.messages.events import (
     Event,
     KeyRotationFailed,
     KeysRotated,
+    LegalHoldChanged,
+    LegalHoldFailed,
     MaintenanceChanged,
     RecoveryStepCompleted,
     RestoreCompleted,
@@ -427,6 +430,35 @@ async def retention_job(
         chunks_removed=result.chunks_removed,
         bytes_freed=result.bytes_freed,
         lines=result.lines(),
+    )
+
+
+async def hold_job(cmd: SetLegalHold, settings: Settings, envelope: dict[str, Any]) -> Event:
+    """Place or lift a legal hold; the audit trail records who and why."""
+    from emrdr.engine.retention import place_hold, release_hold
+
+    def _apply() -> bool:
+        repo = open_repository(settings)
+        was = repo.is_held(cmd.backup_id)
+        if cmd.held:
+            place_hold(repo, cmd.backup_id, cmd.reason, cmd.issuer.actor)
+        else:
+            release_hold(repo, cmd.backup_id, cmd.issuer.actor, cmd.reason)
+        return was != cmd.held
+
+    try:
+        changed = await asyncio.to_thread(_apply)
+    except Exception as exc:
+        return LegalHoldFailed(
+            **envelope, backup_id=cmd.backup_id, error=f"{type(exc).__name__}: {exc}"
+        )
+    return LegalHoldChanged(
+        **envelope,
+        backup_id=cmd.backup_id,
+        held=cmd.held,
+        reason=cmd.reason,
+        actor=cmd.issuer.actor,
+        changed=changed,
     )
 
 

@@ -69,6 +69,16 @@ class EnforceRetention(Command):
 
 
 @register
+class SetLegalHold(Command):
+    """Place (held=True) or lift a legal hold on a backup; a held backup outlives retention."""
+
+    subject: ClassVar[str] = "emrdr.cmd.retention.hold"
+    backup_id: str
+    held: bool = True
+    reason: str = Field(min_length=3, description="Why: case number, request, ...")
+
+
+@register
 class RotateKeys(Command):
     """Create a new data key and rewrap existing ones; old backups stay restorable."""
 
@@ -139,6 +149,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     StartRestore,
     RestoreTable,
     EnforceRetention,
+    SetLegalHold,
     RotateKeys,
     StartVerification,
     CheckIntegrity,

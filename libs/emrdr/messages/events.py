@@ -187,6 +187,25 @@ class RetentionFailed(Event):
 
 
 @register
+class LegalHoldChanged(Event):
+    subject: ClassVar[str] = "emrdr.evt.retention.hold_changed"
+    outcome: ClassVar[Outcome | None] = "success"
+    backup_id: str
+    held: bool
+    reason: str
+    actor: str
+    changed: bool = Field(description="False when the backup already was in that state.")
+
+
+@register
+class LegalHoldFailed(Event):
+    subject: ClassVar[str] = "emrdr.evt.retention.hold_failed"
+    outcome: ClassVar[Outcome | None] = "failure"
+    backup_id: str
+    error: str
+
+
+@register
 class KeysRotated(Event):
     subject: ClassVar[str] = "emrdr.evt.keys.rotated"
     outcome: ClassVar[Outcome | None] = "success"
