@@ -105,11 +105,15 @@ class FileEntry(BaseModel):
         default="content",
         description="What ``sha256`` is the SHA-256 (hex) of: 'content' = the whole file; "
         "'chunks' = the concatenated 32-byte SHA-256 digests of its chunks (``chunk_size`` "
-        "pieces) in file order, which backup and restore get from the one hashing pass that "
-        "also names each chunk (emrdr.repo.chunks.file_checksum computes either form); "
+        "pieces) in file order, which backup gets from the one hashing pass that also names "
+        "each chunk (emrdr.repo.chunks.file_checksum computes either form); restore computes "
+        "and compares 'content' and 'chunks' checksums only with ``verify_digests`` (the "
+        "verifier's drill): a plain restore trusts AES-GCM, which authenticates every chunk "
+        "under its id, and this authenticated manifest, which lists the ids in file order; "
         "'pieces' (page overlays) = the 32-byte ids of the base chunks in order, then per "
-        "overlay its id and the SHA-256 of its live block numbers (uint32 LE): restore checks "
-        "every chunk against its keyed id, so this binds the file to exactly these page images "
+        "overlay its id and the SHA-256 of its live block numbers (uint32 LE), always compared "
+        "on restore: with chunks authenticated under their ids (and re-hashed against them "
+        "with ``verify_digests``) this binds the file to exactly these page images "
         "(emrdr.engine.pages.pieces_checksum).",
     )
     chunks: list[str] = Field(default_factory=list, description="Chunk ids, in file order.")

@@ -8,7 +8,8 @@ fresh temp directory, free port, always removed) and reports each check separate
    in the repository (a gap is named by its first and last segment);
 3. ``objects authenticate``: every chunk and WAL file read by the restore authenticates
    (AES-GCM with the object's identity, keyed-hash id re-checked);
-4. ``files match manifest``: every restored file has the manifest's size and SHA-256;
+4. ``files match manifest``: every restored file has the manifest's size and SHA-256 (the
+   drill restores with ``verify_digests``: every chunk is re-hashed, unlike a plain restore);
 5. ``recovery reaches consistency``: the server recovers to at least the backup's stop LSN,
    from the backup's timeline, and promotes;
 6. ``pg_amcheck --heapallindexed`` on every database (server running);
@@ -400,7 +401,8 @@ def _in_sandbox(
     try:
         result = restore_backup(settings, repo, bid, inst.data_dir, workers=workers,
                                 start=True, port=inst.port, os_user=user, timeout=timeout,
-                                on_progress=on_progress, reason="restore drill")
+                                on_progress=on_progress, reason="restore drill",
+                                verify_digests=True)
     except (RestoreError, IntegrityError, ObjectNotFound) as exc:
         which = classify_restore_error(str(exc))
         if which != C_OBJECTS:
