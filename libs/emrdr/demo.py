@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emrdr.config import Settings
-from emrdr.natsserver import pid_alive
+from emrdr.pg.instance import process_alive
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Tour:
 
 def running_stack(settings: Settings) -> dict[str, Any] | None:
     state = settings.stack_state()
-    if state and state.get("pid") and pid_alive(int(state["pid"])):
+    if state and state.get("pid") and process_alive(int(state["pid"])):
         return state
     return None
 

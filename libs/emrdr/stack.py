@@ -36,7 +36,8 @@ from emrdr.bus.runtime import SERVICE_NAMES
 from emrdr.bus.topology import bootstrap
 from emrdr.cli.wal import archive_command
 from emrdr.config import Settings
-from emrdr.natsserver import NatsServer, pid_alive
+from emrdr.natsserver import NatsServer
+from emrdr.pg.instance import process_alive
 from emrdr.pg.osuser import (
     OsUser,
     can_access_as,
@@ -115,7 +116,7 @@ class EmbeddedStack:
                 pid = int(lock.read_text().strip())
             except ValueError:
                 pid = 0
-            if pid and pid != os.getpid() and pid_alive(pid):
+            if pid and pid != os.getpid() and process_alive(pid):
                 raise StackError(
                     f"a stack is already running from {self.home} (pid {pid}); "
                     "stop it first (Ctrl-C in its terminal, or kill -TERM it)"

@@ -20,6 +20,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from emrdr.failover.decide import Action, Decision
 from emrdr.failover.fencing import (
@@ -47,6 +48,24 @@ class StepResult:
     ok: bool
     detail: str
     seconds: float
+
+
+class StepLog:
+    """The steps of one procedure as they complete: each is timed, kept, and handed to
+    ``on_step`` (sync or async) so a service can publish it as it happens."""
+
+    def __init__(self, on_step: Callable[[StepResult], Any] | None = None) -> None:
+        self.steps: list[StepResult] = []
+        self.on_step = on_step
+
+    async def record(self, name: str, ok: bool, detail: str, started: float) -> StepResult:
+        result = StepResult(name, ok, detail, round(time.perf_counter() - started, 3))
+        self.steps.append(result)
+        if self.on_step is not None:
+            out = self.on_step(result)
+            if inspect.isawaitable(out):
+                await out
+        return result
 
 
 def failover_succeeded(steps: list[StepResult]) -> bool:
@@ -114,16 +133,9 @@ async def execute_failover(
     settings = settings or FailoverSettings()
     target = nodes[decision.target]
     old = nodes.get(old_primary) if old_primary else None
-    steps: list[StepResult] = []
-
-    async def step(name: str, ok: bool, detail: str, started: float) -> StepResult:
-        result = StepResult(name, ok, detail, round(time.perf_counter() - started, 3))
-        steps.append(result)
-        if on_step is not None:
-            out = on_step(result)
-            if inspect.isawaitable(out):
-                await out
-        return result
+    log = StepLog(on_step)
+    steps = log.steps
+    step = log.record
 
     # 1. the target must not know a newer epoch than ours
     t = time.perf_counter()

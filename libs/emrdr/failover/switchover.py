@@ -20,13 +20,12 @@ Steps (each a :class:`~emrdr.failover.execute.StepResult`):
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
 import subprocess
 import time
 from collections.abc import Mapping
 
-from emrdr.failover.execute import OnStep, StepResult
+from emrdr.failover.execute import OnStep, StepLog, StepResult
 from emrdr.failover.fencing import FencingError, check_epoch, connect_target, record_epoch
 from emrdr.pg.instance import PgError, PgInstance
 from emrdr.pg.lsn import format_lsn, parse_lsn
@@ -122,16 +121,11 @@ async def execute_switchover(
     A failed step stops the switchover; before the promotion, the old primary is restarted as
     primary so the cluster is as it was.
     """
-    steps: list[StepResult] = []
+    log = StepLog(on_step)
+    steps = log.steps
 
     async def step(name: str, ok: bool, detail: str, started: float) -> bool:
-        result = StepResult(name, ok, detail, round(time.perf_counter() - started, 3))
-        steps.append(result)
-        if on_step is not None:
-            out = on_step(result)
-            if inspect.isawaitable(out):
-                await out
-        return ok
+        return (await log.record(name, ok, detail, started)).ok
 
     t = time.perf_counter()
     missing = [n for n in (old_primary, target) if n not in nodes]
