@@ -6,9 +6,11 @@ The procedure, in order (:func:`restore_backup`):
    manifest (authenticated; one bad copy is survivable, two name the manifest);
 2. refuse a target directory that is not empty; mark it ``EMRDR_RESTORE_FAILED`` ("in progress")
    until the very end, so an interrupted restore is never mistaken for a good one;
-3. write every file in parallel (the chunks of a big file on every worker at once): chunks are
-   fetched, authenticated (AES-GCM, the chunk id in the associated data), decrypted and
-   decompressed, written at their offsets; each file's size is checked against the manifest.
+3. write every file in parallel (one task per chunk, ordered so that workers mostly write
+   different files: writes to one file queue on its inode lock; one thread creates the files
+   ahead of the workers, who open each once): chunks are fetched, authenticated (AES-GCM,
+   the chunk id in the associated data), decrypted and decompressed, written at their
+   offsets; each file's size is checked against the manifest.
    With ``verify_digests`` (the verifier's drill) every chunk is also re-hashed (one SHA-256
    pass gives both the keyed-id check and the file checksum, which is then compared too).
    Without it (the default) a chunk that authenticates under id X is trusted to be what emrdr
@@ -312,8 +314,7 @@ class _Progress:
             self._callback(done, self.total)
 
 
-#: Chunks fetched, decrypted, decompressed and written per task: the chunks of one big file are
-#: restored on every worker at once.
+#: Chunks fetched, decrypted, decompressed and written per task (see :func:`_interleaved`).
 RESTORE_GROUP = 1
 
 
@@ -334,6 +335,21 @@ class _FileState:
         )
         self.groups = -(-len(entry.chunks) // RESTORE_GROUP) if self.parallel else 1
         self._lock = threading.Lock()
+        self._fd: int | None = None
+
+    def _shared_fd(self) -> int:
+        """The file, opened once for all its tasks (see :func:`_open_for_write`)."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = _open_for_write(self.dest)
+            return self._fd
+
+    def close(self) -> None:
+        """Close the shared descriptor (idempotent; also after a failed task)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def tasks(self, repo: Repository, progress: _Progress) -> list[Callable[[], int]]:
         if not self.parallel:
@@ -364,28 +380,28 @@ class _FileState:
         """Write chunks ``first``.. of the group at their offsets (files of whole chunks)."""
         last = min(first + RESTORE_GROUP, len(self.entry.chunks))
         written = 0
-        fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            for i in range(first, last):
-                data, digest = self._fetch(repo, self.entry.chunks[i])
-                if i < len(self.entry.chunks) - 1 and len(data) != self.chunk_size:
-                    raise RestoreError(
-                        f"chunk {self.entry.chunks[i]} of file {self.entry.path} holds "
-                        f"{len(data)} bytes, the manifest's chunk size is {self.chunk_size}"
-                    )
-                _pwrite_all(fd, data, i * self.chunk_size)
-                self.digests[i], self.sizes[i] = digest, len(data)
-                written += len(data)
-                progress.add(len(data))
-        finally:
-            os.close(fd)
+        for i in range(first, last):
+            data, digest = self._fetch(repo, self.entry.chunks[i])
+            if i < len(self.entry.chunks) - 1 and len(data) != self.chunk_size:
+                raise RestoreError(
+                    f"chunk {self.entry.chunks[i]} of file {self.entry.path} holds "
+                    f"{len(data)} bytes, the manifest's chunk size is {self.chunk_size}"
+                )
+            _pwrite_all(self._shared_fd(), data, i * self.chunk_size)
+            self.digests[i], self.sizes[i] = digest, len(data)
+            written += len(data)
+            progress.add(len(data))
         with self._lock:
             self.groups -= 1
             finished = self.groups == 0
-        if finished and self.entry.sha256_of == "pieces":
-            self._finish_pieces(repo)
-        elif finished:
-            self._finish(sum(self.sizes), checksum_of_digests(self.digests))
+        if finished:
+            try:
+                if self.entry.sha256_of == "pieces":
+                    self._finish_pieces(repo)
+                else:
+                    self._finish(sum(self.sizes), checksum_of_digests(self.digests))
+            finally:
+                self.close()
         return written
 
     def _finish_pieces(self, repo: Repository) -> None:
@@ -399,32 +415,29 @@ class _FileState:
                 f"file {entry.path}: base chunks hold {sum(self.sizes)} bytes, the manifest "
                 f"says {base}"
             )
-        fd = os.open(self.dest, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            for o in entry.overlays:
-                data, _digest = self._fetch(repo, o.chunk)
-                blocks = overlay_blocks(o)
-                if len(data) != blocks.size * BLCKSZ:
-                    raise RestoreError(
-                        f"overlay chunk {o.chunk} of file {entry.path} holds {len(data)} "
-                        f"bytes, the manifest lists {blocks.size} pages"
-                    )
-                live = blocks if o.live is None else live_blocks(o)
-                at = np.searchsorted(blocks, live)
-                if live.size and not np.array_equal(blocks[np.minimum(at, blocks.size - 1)],
-                                                    live):
-                    raise RestoreError(f"overlay chunk {o.chunk} of file {entry.path}: live "
-                                       "pages are not a subset of its pages")
-                cuts = np.nonzero((np.diff(live) != 1) | (np.diff(at) != 1))[0] + 1
-                view = memoryview(data)
-                for run_b, run_i in zip(np.split(live, cuts), np.split(at, cuts), strict=True):
-                    if run_b.size:
-                        piece = view[int(run_i[0]) * BLCKSZ:(int(run_i[-1]) + 1) * BLCKSZ]
-                        _pwrite_all(fd, piece, int(run_b[0]) * BLCKSZ)
-            os.ftruncate(fd, entry.size)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+        fd = self._shared_fd()
+        for o in entry.overlays:
+            data, _digest = self._fetch(repo, o.chunk)
+            blocks = overlay_blocks(o)
+            if len(data) != blocks.size * BLCKSZ:
+                raise RestoreError(
+                    f"overlay chunk {o.chunk} of file {entry.path} holds {len(data)} "
+                    f"bytes, the manifest lists {blocks.size} pages"
+                )
+            live = blocks if o.live is None else live_blocks(o)
+            at = np.searchsorted(blocks, live)
+            if live.size and not np.array_equal(blocks[np.minimum(at, blocks.size - 1)],
+                                                live):
+                raise RestoreError(f"overlay chunk {o.chunk} of file {entry.path}: live "
+                                   "pages are not a subset of its pages")
+            cuts = np.nonzero((np.diff(live) != 1) | (np.diff(at) != 1))[0] + 1
+            view = memoryview(data)
+            for run_b, run_i in zip(np.split(live, cuts), np.split(at, cuts), strict=True):
+                if run_b.size:
+                    piece = view[int(run_i[0]) * BLCKSZ:(int(run_i[-1]) + 1) * BLCKSZ]
+                    _pwrite_all(fd, piece, int(run_b[0]) * BLCKSZ)
+        os.ftruncate(fd, entry.size)
+        size = os.fstat(fd).st_size
         self._finish(size, pieces_checksum(entry.chunks, entry.overlays))
 
     def _whole(self, repo: Repository, progress: _Progress) -> int:
@@ -434,7 +447,7 @@ class _FileState:
             if self.entry.sha256_of == "content" and self.verify_digests else None
         )
         written = 0
-        fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = _open_for_write(self.dest)
         try:
             for i, cid in enumerate(self.entry.chunks):
                 data, digest = self._fetch(repo, cid)
@@ -487,8 +500,54 @@ def _write_files(
     states = [_FileState(root, e, chunk_size, verify_digests) for e in entries]
     for parent in sorted({s.dest.parent for s in states}):
         parent.mkdir(parents=True, exist_ok=True)
-    tasks = [t for s in states for t in s.tasks(repo, progress)]
-    return _run_parallel(tasks, workers)
+    tasks = _interleaved([s.tasks(repo, progress) for s in states])
+    stop = threading.Event()
+    creator = threading.Thread(
+        target=_create_files, args=([s.dest for s in states], stop), name="restore-create",
+        daemon=True,
+    )
+    creator.start()
+    try:
+        return _run_parallel(tasks, workers)
+    finally:
+        stop.set()
+        creator.join()
+        for state in states:
+            state.close()
+
+
+def _open_for_write(path: Path) -> int:
+    """Open a file to restore into, creating it only if :func:`_create_files` has not yet: an
+    ``O_CREAT`` open locks the directory (and creating an inode where many were just deleted
+    is slow on ext4), so the workers, who would queue on that lock, leave creation to one
+    thread and open existing files without it."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _create_files(paths: list[Path], stop: threading.Event) -> None:
+    """Create the (empty) files ahead of the workers, biggest first; errors are left for the
+    worker that opens the file to report."""
+    for path in paths:
+        if stop.is_set():
+            return
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def _interleaved(per_file: list[list[Callable[[], int]]]) -> list[Callable[[], int]]:
+    """Tasks ordered by how far into its file each one is, so that workers running at the same
+    time mostly write different files: buffered writes to one file take its inode lock, and
+    two workers on the chunks of one file spent much of their time spinning on it.  Ties keep
+    the given order (big files first)."""
+    keyed = [
+        ((j + 0.5) / len(tasks), n, j, task)
+        for n, tasks in enumerate(per_file) for j, task in enumerate(tasks)
+    ]
+    keyed.sort(key=lambda k: k[:3])
+    return [k[3] for k in keyed]
 
 
 def _run_parallel(tasks: list[Callable[[], int]], workers: int) -> int:
