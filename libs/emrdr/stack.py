@@ -304,6 +304,8 @@ class EmbeddedStack:
                 self.say(f"PostgreSQL    : stop reported: {exc}")
         if self.nats_server is not None:
             self.nats_server.stop()
+        # Stopping twice (a signal during start, then the caller's cleanup) is harmless.
+        self.services, self.cluster, self.nats_server = {}, None, None
         with contextlib.suppress(FileNotFoundError):
             self.settings.stack_file.unlink()
         with contextlib.suppress(FileNotFoundError):
