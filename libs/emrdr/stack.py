@@ -23,8 +23,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -268,13 +269,15 @@ class EmbeddedStack:
                 self._spawn(name)
         return done
 
-    def wait_services_alive(self, timeout: float = 60.0) -> dict[str, bool]:
-        """Wait until every service heartbeats (reads the heartbeat bucket)."""
+    def wait_services_alive(
+        self, timeout: float = 60.0, stop: threading.Event | None = None
+    ) -> dict[str, bool]:
+        """Wait until every service heartbeats (reads the heartbeat bucket), or ``stop``."""
         from emrdr.cli.status import collect_status
 
         deadline = time.monotonic() + timeout
         alive: dict[str, bool] = {}
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             with contextlib.suppress(Exception):
                 status = asyncio.run(collect_status())
                 alive = {k: v["alive"] for k, v in status["services"].items()}
@@ -312,24 +315,34 @@ class EmbeddedStack:
             if self.lock_file.read_text().strip() == str(os.getpid()):
                 self.lock_file.unlink()
 
-    def run_forever(self) -> None:
-        """Supervise until SIGTERM or Ctrl-C, then stop everything cleanly."""
-        stopping = False
-
-        def _stop(signum: int, frame: Any) -> None:
-            nonlocal stopping
-            stopping = True
-
-        old_term = signal.signal(signal.SIGTERM, _stop)
-        old_int = signal.signal(signal.SIGINT, _stop)
+    def run_forever(self, stop: threading.Event) -> None:
+        """Supervise until ``stop`` is set (see :func:`stop_on_signals`), then stop cleanly."""
         try:
-            while not stopping:
+            while not stop.is_set():
                 for line in self.supervise_once():
                     self.say(line)
-                time.sleep(0.5)
+                stop.wait(0.5)
         finally:
             self.say("stopping: services, PostgreSQL, NATS ...")
             self.stop()
-            signal.signal(signal.SIGTERM, old_term)
-            signal.signal(signal.SIGINT, old_int)
             self.say("stopped cleanly")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT for as long as the block runs.
+
+    The handlers only set the event (raising from a handler can be swallowed by whatever code
+    it interrupts, e.g. an asyncio task); long waits check it.
+    """
+    stop = threading.Event()
+
+    def _set(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _set) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

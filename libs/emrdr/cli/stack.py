@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 from typing import Any
 
 from emrdr.cli.errors import CliError
@@ -33,40 +32,27 @@ def register(sub: Any) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     from emrdr.config import get_settings
-    from emrdr.stack import EmbeddedStack, StackError
+    from emrdr.stack import EmbeddedStack, StackError, stop_on_signals
 
     settings = get_settings()
     print(f"emrdr up: state directory {settings.home}")
     stack = EmbeddedStack(settings, n_replicas=args.replicas, with_services=not args.no_services)
-
-    def _interrupt(signum: int, frame: Any) -> None:
-        raise _StopRequested(signal.Signals(signum).name)
-
-    # A SIGTERM or Ctrl-C while the stack is still starting stops what has started, cleanly.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        stack.start()
-        if not args.no_services:
-            alive = stack.wait_services_alive(timeout=90)
+    with stop_on_signals() as stop:
+        try:
+            stack.start()
+        except StackError as exc:
+            raise CliError(str(exc)) from None
+        if not args.no_services and not stop.is_set():
+            alive = stack.wait_services_alive(timeout=90, stop=stop)
             for name, ok in alive.items():
                 print(f"service       : {name:<20} {'UP' if ok else 'NOT UP (see logs)'}")
-    except StackError as exc:
-        raise CliError(str(exc)) from None
-    except _StopRequested as why:
-        print(f"{why} while starting: stopping what has started ...")
-        stack.stop()
-        print("stopped cleanly")
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print("ready. Ctrl-C (or SIGTERM) stops everything; `emrdr status` from another terminal.")
-    stack.run_forever()
+        if not stop.is_set():
+            print(
+                "ready. Ctrl-C (or SIGTERM) stops everything; `emrdr status` from another terminal."
+            )
+        # A SIGTERM or Ctrl-C during start-up lands here too: stop what has started.
+        stack.run_forever(stop)
     return 0
-
-
-class _StopRequested(Exception):
-    """SIGTERM/SIGINT arrived before the stack was up."""
 
 
 def run_service(args: argparse.Namespace) -> int:
