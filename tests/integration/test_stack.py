@@ -67,7 +67,9 @@ class Up:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"emrdr up did not stop within {timeout}s:\n{self.output()}")
+            raise AssertionError(
+                f"emrdr up did not stop within {timeout}s:\n{self.output()}"
+            ) from None
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
