@@ -238,6 +238,7 @@ class EmbeddedStack:
         env = dict(os.environ)
         env["EMRDR_HOME"] = str(self.home)
         env.setdefault("EMRDR_NATS__URL", self.nats_url)
+        env["EMRDR_PARENT_PID"] = str(os.getpid())  # services stop if `up` dies
         log = (self.logs / f"{name}.log").open("ab")
         try:
             sp.proc = subprocess.Popen(

@@ -379,6 +379,16 @@ class Service:
                 await self.outbox.flush(js)
             await asyncio.sleep(2.0)
 
+    async def _parent_watch(self, parent: int) -> None:
+        """Under ``emrdr up``: stop cleanly when the supervising process is gone (so a killed
+        ``up`` leaves no orphaned services behind)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                break
+        log.warning("%s: supervisor (pid %d) is gone; stopping", self.name, parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def spawn(self, loop: Callable[[], Awaitable[None]], name: str) -> None:
         """Run a background loop for the life of the service (started once connected)."""
         if self._started:
@@ -405,6 +415,9 @@ class Service:
         self._started = True
         self.spawn(self._heartbeat_loop, "heartbeat")
         self.spawn(self._outbox_loop, "outbox")
+        parent = os.environ.get("EMRDR_PARENT_PID")
+        if parent and parent.isdigit():
+            self.spawn(lambda: self._parent_watch(int(parent)), "parent-watch")
         for loop, name in self._pending:
             self.spawn(loop, name)
         self._pending.clear()
