@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Event], Any]
 
 
+def failure(exc: BaseException) -> str:
+    """How a failed job names its error in the *Failed event."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class JobError(RuntimeError):
     """A job cannot run; the message names why."""
 
@@ -131,7 +136,7 @@ async def backup_job(
         node = await find_node(settings, cmd.source_node)
         repo = await asyncio.to_thread(repository, settings)
     except Exception as exc:
-        return BackupFailed(**envelope, error=f"{type(exc).__name__}: {exc}")
+        return BackupFailed(**envelope, error=failure(exc))
     throttle = Throttle()
     backup_id = "pending"
     await publish(
@@ -166,7 +171,7 @@ async def backup_job(
         log.exception("backup failed")
         return BackupFailed(
             **envelope,
-            error=f"{type(exc).__name__}: {exc} (after {time.monotonic() - started:.1f}s)",
+            error=f"{failure(exc)} (after {time.monotonic() - started:.1f}s)",
         )
     finally:
         pump.cancel()
@@ -192,7 +197,6 @@ async def restore_job(
     cmd: StartRestore, settings: Settings, envelope: dict[str, Any], publish: Publish
 ) -> Event:
     """Restore into a directory (full, or PITR), start it and report the point reached."""
-    from emrdr.engine.pitr import RecoveryTarget
     from emrdr.engine.restore import restore_backup, restore_to_point
 
     if cmd.target_dir is None:
@@ -200,9 +204,7 @@ async def restore_job(
     try:
         repo = await asyncio.to_thread(open_repository, settings)
     except Exception as exc:
-        return RestoreFailed(
-            **envelope, backup_id=cmd.backup_id, error=f"{type(exc).__name__}: {exc}"
-        )
+        return RestoreFailed(**envelope, backup_id=cmd.backup_id, error=failure(exc))
     throttle = Throttle()
     label = cmd.backup_id or "chosen for the target"
     await publish(RestoreStarted(**envelope, backup_id=label, target=cmd.target_dir))
@@ -216,10 +218,8 @@ async def restore_job(
         )
     )
     try:
-        if cmd.mode == "pitr":
-            target = RecoveryTarget(
-                time=cmd.target_time, lsn=cmd.target_lsn, xid=cmd.target_xid, name=cmd.target_name
-            )
+        target = _recovery_target(cmd)
+        if target is not None:
             result = await asyncio.to_thread(
                 restore_to_point,
                 settings,
@@ -244,9 +244,7 @@ async def restore_job(
             )
     except Exception as exc:
         log.exception("restore failed")
-        return RestoreFailed(
-            **envelope, backup_id=cmd.backup_id, error=f"{type(exc).__name__}: {exc}"
-        )
+        return RestoreFailed(**envelope, backup_id=cmd.backup_id, error=failure(exc))
     finally:
         pump.cancel()
     return RestoreCompleted(
@@ -317,9 +315,7 @@ async def database_copy_job(
             step_publisher("database_copy", envelope, publish),
         )
     except Exception as exc:
-        return RestoreFailed(
-            **envelope, backup_id=cmd.backup_id, error=f"{type(exc).__name__}: {exc}"
-        )
+        return RestoreFailed(**envelope, backup_id=cmd.backup_id, error=failure(exc))
     return RestoreCompleted(
         **envelope,
         backup_id=result.backup_id,
@@ -354,7 +350,7 @@ async def table_restore_job(
             step_publisher("table_restore", envelope, publish),
         )
     except Exception as exc:
-        return RestoreFailed(**envelope, backup_id=None, error=f"{type(exc).__name__}: {exc}")
+        return RestoreFailed(**envelope, backup_id=None, error=failure(exc))
     dropped = (
         f"; foreign keys not copied: {', '.join(result.dropped_foreign_keys)}"
         if (result.dropped_foreign_keys)
@@ -392,7 +388,7 @@ async def corruption_job(
         )
     except Exception as exc:
         return CorruptionRecoveryFailed(
-            **envelope, to_time=cmd.to_time, step="start", error=f"{type(exc).__name__}: {exc}"
+            **envelope, to_time=cmd.to_time, step="start", error=failure(exc)
         )
     if not result.ok:
         return CorruptionRecoveryFailed(
@@ -420,7 +416,7 @@ async def retention_job(
     try:
         result = await asyncio.to_thread(enforce_retention, settings, None, cmd.dry_run)
     except Exception as exc:
-        return RetentionFailed(**envelope, error=f"{type(exc).__name__}: {exc}")
+        return RetentionFailed(**envelope, error=failure(exc))
     plan = result.plan
     return RetentionEnforced(
         **envelope,
@@ -449,9 +445,7 @@ async def hold_job(cmd: SetLegalHold, settings: Settings, envelope: dict[str, An
     try:
         changed = await asyncio.to_thread(_apply)
     except Exception as exc:
-        return LegalHoldFailed(
-            **envelope, backup_id=cmd.backup_id, error=f"{type(exc).__name__}: {exc}"
-        )
+        return LegalHoldFailed(**envelope, backup_id=cmd.backup_id, error=failure(exc))
     return LegalHoldChanged(
         **envelope,
         backup_id=cmd.backup_id,
@@ -471,5 +465,5 @@ async def rotate_job(cmd: RotateKeys, settings: Settings, envelope: dict[str, An
     try:
         key_id, count = await asyncio.to_thread(_rotate)
     except Exception as exc:
-        return KeyRotationFailed(**envelope, error=f"{type(exc).__name__}: {exc}")
+        return KeyRotationFailed(**envelope, error=failure(exc))
     return KeysRotated(**envelope, new_key_id=key_id, rewrapped=count)
