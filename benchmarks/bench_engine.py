@@ -305,7 +305,8 @@ class Bench:
         return {"wall_s": total, "restore_process_s": m.wall_s, **_mem(m),
                 "history_rows": int(check), "wal_staged": res.get("wal_staged"),
                 "wal_bytes_staged": res.get("wal_bytes_staged"),
-                "reached": res.get("reached_time"), "backup_id": res.get("backup_id")}
+                "reached": res.get("reached_time"), "backup_id": res.get("backup_id"),
+                "phases": res.get("phases")}
 
     def phase_pitr(self) -> None:
         repo = "pitr"

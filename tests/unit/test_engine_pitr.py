@@ -18,7 +18,12 @@ from emrdr.engine.pitr import (
     timeline_path,
     wal_gaps,
 )
-from emrdr.engine.restore import recovery_settings, staging_dir_for, wal_to_stage
+from emrdr.engine.restore import (
+    fetch_command,
+    recovery_settings,
+    staging_dir_for,
+    wal_to_stage,
+)
 from emrdr.pg.lsn import format_lsn, segment_name_from_number
 from emrdr.repo.manifest import Manifest
 
@@ -218,7 +223,8 @@ class TestStaging:
 
     def test_recovery_settings_isolate_the_copy(self) -> None:
         g = recovery_settings(B1, RecoveryTarget(), Path("/x/50%/data.wal-staging"), 6000)
-        assert g["restore_command"] == "cp /x/50%%/data.wal-staging/%f %p"
+        assert g["restore_command"] == fetch_command(Path("/x/50%/data.wal-staging"))
+        assert g["restore_command"].startswith("d=/x/50%%/data.wal-staging; ")
         assert g["archive_mode"] == "off" and g["primary_conninfo"] == ""
         assert g["port"] == "6000" and g["unix_socket_directories"] == ""
         assert g["listen_addresses"] == "127.0.0.1"

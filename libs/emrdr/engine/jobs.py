@@ -254,6 +254,7 @@ async def restore_job(
         bytes_restored=result.bytes_restored,
         duration_s=round(result.duration_s, 3),
         reached=result.reached,
+        notes=result.notes,
     )
 
 

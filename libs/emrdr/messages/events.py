@@ -131,6 +131,11 @@ class RestoreCompleted(Event):
     bytes_restored: int
     duration_s: float
     reached: str | None = Field(default=None, description="Recovery point actually reached.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="What the operator should know about the restored server (e.g. a setting "
+        "that differs from its configuration until its next restart).",
+    )
 
 
 @register
