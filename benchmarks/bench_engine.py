@@ -206,7 +206,7 @@ class Bench:
                 "repo_backup_bytes": self.emrdr.repo_backup_bytes(name),
                 "engine_duration_s": res.get("duration_s"), "bytes_source": res.get("bytes_source"),
                 "bytes_stored": res.get("bytes_stored"), "degraded": res.get("degraded"),
-                "backup_id": res.get("backup_id")}
+                "backup_id": res.get("backup_id"), "phases": res.get("phases")}
 
     def phase_full(self) -> None:
         runs: dict[str, list[dict[str, Any]]] = {"pgbackrest": []}
@@ -353,6 +353,7 @@ class Bench:
         self.archiving("emrdr")
 
     def _incremental_step(self, repo: str, seed: int, before: Any) -> tuple[dict[str, Any], Any]:
+        lsn0 = self.inst.psql("SELECT pg_current_wal_lsn()")
         rows = apply_change(self.ds, self.args.change, self.args.change_pattern, seed=seed)
         raw, packed, after = changed_data(self.inst.data_dir, before)
         size0 = self.emrdr.repo_bytes(repo)
@@ -361,11 +362,14 @@ class Bench:
         m = self.emrdr.backup(repo, self.default_level, kind="incremental").check(
             "emrdr incremental backup")
         res = _json_tail(m)
+        wal = int(self.inst.psql(f"SELECT pg_current_wal_lsn() - '{lsn0}'::pg_lsn"))
         return {
             "rows_updated": rows, "changed_raw_bytes": raw, "changed_zstd3_bytes": packed,
+            "wal_generated_bytes": wal,
             "wall_s": m.wall_s, **_mem(m), "bytes_stored": res.get("bytes_stored"),
             "bytes_read": res.get("bytes_read"), "bytes_reused": res.get("bytes_reused"),
-            "kind": res.get("kind"), "repo_growth_bytes": self.emrdr.repo_bytes(repo) - size0,
+            "kind": res.get("kind"), "phases": res.get("phases"),
+            "repo_growth_bytes": self.emrdr.repo_bytes(repo) - size0,
             "repo_backup_growth_bytes": self.emrdr.repo_backup_bytes(repo) - back0,
         }, after
 
@@ -394,8 +398,6 @@ class Bench:
         self.clear_spool()
         log(f"daily: full + {self.args.days} daily incrementals")
         self.emrdr.backup(repo, self.default_level).check("emrdr full (daily base)")
-        first = self.emrdr.repo_bytes(repo)
-        first_backup = self.emrdr.repo_backup_bytes(repo)
         before = block_hashes(self.inst.data_dir)
         days = []
         for d in range(self.args.days):
@@ -408,16 +410,8 @@ class Bench:
             self.results["daily_partial"] = days
             self.checkpoint()
         self.results.pop("daily_partial", None)
-        changes = sum(int(r["changed_zstd3_bytes"]) for r in days)
-        last = days[-1] if days else {"repo_bytes": first, "repo_backup_bytes": first_backup}
-        self.results["daily"] = {
-            "days": self.args.days, "first_full_repo_bytes": first,
-            "first_full_backup_bytes": first_backup, "changes_zstd3_bytes": changes,
-            "final_repo_bytes": last["repo_bytes"], "final_backup_bytes": last["repo_backup_bytes"],
-            "ratio_repo": last["repo_bytes"] / (first + changes),
-            "ratio_backup_only": last["repo_backup_bytes"] / (first_backup + changes),
-            "per_day": days,
-        }
+        if days:
+            self.results["daily"] = daily_summary(days)
 
     def phase_wal_push(self) -> None:
         """p50 of ``emrdr wal push`` (as PostgreSQL's OS user) for real 16 MiB segments."""
@@ -515,6 +509,9 @@ def daily_summary(days: list[dict[str, Any]]) -> dict[str, Any]:
         "final_backup_bytes": last["repo_backup_bytes"],
         "ratio_repo": last["repo_bytes"] / (first + changes),
         "ratio_backup_only": last["repo_backup_bytes"] / (first_backup + changes),
+        "wal_generated_bytes": sum(int(r.get("wal_generated_bytes") or 0) for r in days),
+        "wal_stored_bytes": (int(last["repo_bytes"]) - int(last["repo_backup_bytes"]))
+        - (first - first_backup),
         "per_day": days,
     }
 
@@ -693,7 +690,16 @@ def render_markdown(results: Results) -> str:
                   f"{dl['ratio_repo']:.2f}x (first full + changes) (target ≤ 1.5x): "
                   f"{_verdict(d.get('daily_ok'))}",
                   f"- without the WAL archive: {dl['final_backup_bytes']:,} B → "
-                  f"{dl['ratio_backup_only']:.2f}x", ""]
+                  f"{dl['ratio_backup_only']:.2f}x"]
+        if dl.get("wal_generated_bytes"):
+            lines += [f"- WAL written by the cluster over the {dl['days']} days (change, VACUUM, "
+                      f"CHECKPOINT, backups): {dl['wal_generated_bytes']:,} B, stored "
+                      f"{dl['wal_stored_bytes']:,} B "
+                      f"({dl['wal_generated_bytes'] / max(1, dl['wal_stored_bytes']):.1f}:1); "
+                      f"the stored WAL alone is "
+                      f"{dl['wal_stored_bytes'] / max(1, dl['changes_zstd3_bytes']):.2f}x the "
+                      "sum of the changes"]
+        lines += [""]
     wp = results.get("wal_push")
     if wp and "p50_s" in wp:
         lines += ["## `emrdr wal push` per 16 MiB segment", ""]

@@ -24,6 +24,7 @@ from emrdr.messages.commands import (
     StartRestore,
 )
 from emrdr.messages.events import BackupFailed, Event, WalArchived, WalArchiveFailed
+from emrdr.monitor.repo_gauges import RepositoryGauges
 
 NAME = "backup-worker"
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def build(service: Service) -> None:
     )
     archived = Counter("emrdr_wal_archived_total", "WAL files uploaded", registry=reg)
     spool_depth = Gauge("emrdr_wal_spool_files", "WAL files waiting in the spool", registry=reg)
+    repo_gauges = RepositoryGauges(settings, registry=reg)
 
     async def publish(event: Event) -> None:
         await service.publish(event)
@@ -46,6 +48,7 @@ def build(service: Service) -> None:
         if not cmd.dry_run:
             counter = failures.labels(cmd.kind)
             counter.inc() if isinstance(event, BackupFailed) else counter.set(0)
+            repo_gauges.poke()
         await ctx.publish(event)
 
     async def restore(cmd: StartRestore, ctx: HandlerContext) -> None:
@@ -59,6 +62,7 @@ def build(service: Service) -> None:
             await ctx.publish(await jobs.hold_job(cmd, settings, ctx.envelope()))
         else:
             await ctx.publish(await jobs.retention_job(cmd, settings, ctx.envelope()))
+            repo_gauges.poke()
 
     async def rotate(cmd: RotateKeys, ctx: HandlerContext) -> None:
         await ctx.publish(await jobs.rotate_job(cmd, settings, ctx.envelope()))
@@ -112,6 +116,7 @@ def build(service: Service) -> None:
     service.on_command("emrdr.cmd.retention.>", retention)
     service.on_command("emrdr.cmd.keys.>", rotate)
     service.spawn(upload_wal_forever, "wal-upload")
+    service.spawn(repo_gauges.run, "repo-gauges")
 
 
 def main() -> int:

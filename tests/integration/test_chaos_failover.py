@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from nats.aio.client import Client
 
@@ -37,11 +36,11 @@ from emrdr.failover.lease import StaleLeaseError
 from emrdr.natsserver import NatsServer
 from emrdr.pg.osuser import ensure_os_user, make_dir
 from tests.fixtures.pg import ClusterFactory, fresh_base_dir
+from tests.fixtures.writeload import is_writable
 from tests.integration.test_coordinator_failover import (  # noqa: F401 (fixtures)
     LEASE_TTL,
     Rig,
     bus,
-    is_writable,
     nats_srv,
     record_figures,
 )
@@ -70,19 +69,6 @@ async def chaos(
         await rig.stop()
 
 
-async def lost_now(rig: Rig, primary: str) -> list[int]:
-    """Acknowledged ids missing on ``primary`` (ids taken before the query: the load may run)."""
-    acked = list(rig.load.acked)
-    node = next(n for n in rig.nodes if n.name == primary)
-    conn = await asyncpg.connect(host=node.host, port=node.port, user="postgres",
-                                 database="postgres", timeout=5)
-    try:
-        present = {r["id"] for r in await conn.fetch("SELECT id FROM load")}
-    finally:
-        await conn.close()
-    return [i for i in acked if i not in present]
-
-
 def first_write_after(rig: Rig, t: float, old: str) -> float:
     at = rig.load.first_ack_after(t, old)
     assert at is not None, "no write reached a new primary"
@@ -90,8 +76,8 @@ def first_write_after(rig: Rig, t: float, old: str) -> float:
 
 
 async def stop_measuring(rig: Rig) -> None:
-    rig.load.stop.set()
     rig.sampler.stop.set()
+    await rig.load.halt()
     await asyncio.sleep(0.3)
 
 
@@ -137,7 +123,7 @@ async def test_sigstop_primary_past_the_lease_then_sigcont(chaos: Any) -> None:
         await asyncio.sleep(0.1)
     assert not old.is_running()
     await stop_measuring(rig)
-    lost = await lost_now(rig, new)
+    lost = await rig.lost_commits(new)
     assert rig.sampler.double == 0
     # asynchronous mode: only commits acknowledged just before the hang may be missing
     assert all(rig.load.acked_at[i][0] > hung_at - 1.0 for i in lost), lost
@@ -235,7 +221,7 @@ async def test_coordinator_killed_between_fence_and_promote(chaos: Any) -> None:
     assert await is_writable(next(n for n in rig.nodes if n.name == new))
 
     await stop_measuring(rig)
-    lost = await lost_now(rig, new)
+    lost = await rig.lost_commits(new)
     assert lost == [], lost
     assert rig.sampler.double == 0
     record_figures(
@@ -298,7 +284,7 @@ async def _nats_outage(chaos: Any, spool: Path) -> None:
     assert rig.recorded_primary() == "pg-primary"
     assert await is_writable(next(n for n in rig.nodes if n.name == "pg-primary"))
     await stop_measuring(rig)
-    lost = await lost_now(rig, "pg-primary")
+    lost = await rig.lost_commits("pg-primary")
     assert lost == []
     assert rig.sampler.double == 0
     await asyncio.to_thread(replica2.start, 30)
@@ -338,7 +324,7 @@ async def test_sync_mode_kill9_loses_no_acknowledged_commit(chaos: Any) -> None:
                        "a write on the new primary")
     writable_s = first_write_after(rig, killed_at, old.name)
     await stop_measuring(rig)
-    lost = await lost_now(rig, new)
+    lost = await rig.lost_commits(new)
     assert lost == [], f"acknowledged commits lost in synchronous mode: {lost}"
     assert rig.sampler.double == 0
     record_figures(

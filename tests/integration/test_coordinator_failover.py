@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import nats
 import pytest
 from nats.aio.client import Client
@@ -37,6 +36,7 @@ from emrdr.security import Identity, TrustStore, ensure_identity
 from services.dr_coordinator.app import build_coordinator
 from services.replication_monitor.app import build_monitor
 from tests.fixtures.pg import ClusterFactory
+from tests.fixtures.writeload import LOAD_TABLE_SQL, WriteLoad, is_writable, lost_commits
 from tests.unit.test_notify import Inbox, Receiver
 
 pytestmark = [pytest.mark.pg, pytest.mark.nats]
@@ -46,84 +46,6 @@ LEASE_BUCKET = "test_coordinator_leases"
 
 
 # --- measurement helpers -----------------------------------------------------------------------
-
-
-async def _connect(node: PgNode, timeout: float = 1.0) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=node.host, port=node.port, user="postgres", database="postgres", timeout=timeout
-    )
-
-
-async def is_writable(node: PgNode) -> bool:
-    """Would this node take a write now? (not in recovery, not fenced read-only)."""
-    try:
-        conn = await asyncio.wait_for(_connect(node, 0.5), 0.8)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return False
-    try:
-        row = await asyncio.wait_for(
-            conn.fetchrow(
-                "SELECT pg_is_in_recovery() AS r, "
-                "current_setting('default_transaction_read_only') AS ro"
-            ),
-            0.8,
-        )
-        return row is not None and not row["r"] and row["ro"] == "off"
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-        return False
-    finally:
-        conn.terminate()
-
-
-@dataclass
-class WriteLoad:
-    """Inserts rows one by one into whichever node takes writes; records acknowledged ids."""
-
-    nodes: list[PgNode]
-    acked: list[int] = field(default_factory=list)
-    acked_at: dict[int, tuple[float, str]] = field(default_factory=dict)
-    errors: int = 0
-    next_id: int = 1
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def run(self) -> None:
-        conn: asyncpg.Connection | None = None
-        node: PgNode | None = None
-        while not self.stop.is_set():
-            if conn is None:
-                for n in self.nodes:
-                    if await is_writable(n):
-                        try:
-                            conn = await _connect(n)
-                        except Exception:
-                            continue
-                        node = n
-                        break
-                if conn is None:
-                    await asyncio.sleep(0.05)
-                    continue
-            assert node is not None
-            i = self.next_id
-            self.next_id += 1
-            try:
-                await asyncio.wait_for(
-                    conn.execute("INSERT INTO load (id) VALUES ($1)", i), 1.0
-                )
-            except Exception:  # any failure: this id is not acknowledged; find a writable node
-                self.errors += 1
-                with contextlib.suppress(Exception):
-                    conn.terminate()
-                conn = None
-                continue
-            self.acked.append(i)
-            self.acked_at[i] = (time.monotonic(), node.name)
-            await asyncio.sleep(0.01)
-        if conn is not None:
-            conn.terminate()
-
-    def first_ack_after(self, t: float, not_on: str) -> float | None:
-        times = [at for at, name in self.acked_at.values() if at > t and name != not_on]
-        return min(times) if times else None
 
 
 @dataclass
@@ -244,7 +166,7 @@ class Rig:
 
     async def start(self, coordinators: int = 1) -> None:
         primary = self.cluster.primary
-        primary.psql("CREATE TABLE IF NOT EXISTS load (id bigint PRIMARY KEY)")
+        primary.psql(LOAD_TABLE_SQL)
 
         async def _cb(msg: Any) -> None:
             with contextlib.suppress(ValueError):
@@ -260,7 +182,7 @@ class Rig:
         await self.wait_for(lambda: self.lease_holder() is not None, 15, "a lease holder")
         await self.wait_for(lambda: self.recorded_primary() == primary.name, 15,
                             "the primary to be recorded")
-        self._tasks.append(asyncio.create_task(self.load.run()))
+        self.load.start()
         self._tasks.append(asyncio.create_task(self.sampler.run()))
         await self.wait_for(lambda: len(self.load.acked) > 20, 10, "the write load")
 
@@ -273,8 +195,9 @@ class Rig:
         return coord
 
     async def stop(self) -> None:
-        self.load.stop.set()
         self.sampler.stop.set()
+        with contextlib.suppress(Exception):
+            await self.load.halt()
         for t in self._tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(t, 10)
@@ -314,14 +237,8 @@ class Rig:
             await asyncio.sleep(0.05)
 
     async def lost_commits(self, primary: str) -> list[int]:
-        node = next(n for n in self.nodes if n.name == primary)
-        conn = await _connect(node, 5)
-        try:
-            rows = await conn.fetch("SELECT id FROM load")
-        finally:
-            await conn.close()
-        present = {r["id"] for r in rows}
-        return [i for i in self.load.acked if i not in present]
+        """Acknowledged commits missing on ``primary``; stops the write load first."""
+        return await lost_commits(self.load, next(n for n in self.nodes if n.name == primary))
 
     async def topology_primary(self) -> dict[str, Any]:
         kv = await self.bus.jetstream().key_value(KV_TOPOLOGY)
@@ -388,7 +305,6 @@ async def test_kill9_primary_under_load(
     assert info.state.messages >= 1  # StartBackup(kind=full) waits for the backup-worker
 
     await asyncio.sleep(1.0)
-    rig.load.stop.set()
     rig.sampler.stop.set()
     lost = await rig.lost_commits(new)
     assert lost == [], f"acknowledged commits lost: {lost[:20]}"
