@@ -30,7 +30,7 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 
 def make_manifest(repo: Repository, days_ago: float, kind: str = "full",
                   key_id: str | None = None) -> Manifest:
-    stopped = NOW - timedelta(days=days_ago)
+    stopped = datetime.now(UTC) - timedelta(days=days_ago)  # the gauge measures at scrape time
     return Manifest(
         backup_id=backup_id_for(stopped - timedelta(minutes=5), "full" if kind == "full"
                                 else "incremental"),
