@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from emrdr.bus.runtime import HandlerContext, NotAvailableYet, Service, run_service
-from emrdr.engine import jobs
+from emrdr.engine.jobs import corruption_job
 from emrdr.failover.coordinator import Coordinator
 from emrdr.messages.commands import ActivateDrSite, PromoteNode, RecoverCorruption, Switchover
 from emrdr.messages.events import ClusterObserved, NodeHealthChanged
@@ -35,7 +35,7 @@ def build_coordinator(service: Service) -> Coordinator:
             await coordinator.on_activate_dr_site(command, ctx)
         elif isinstance(command, RecoverCorruption):
             await ctx.publish(
-                await jobs.corruption_job(command, service.settings, ctx.envelope(), ctx.publish)
+                await corruption_job(command, service.settings, ctx.envelope(), ctx.publish)
             )
         else:
             raise NotAvailableYet(f"{command.type} is not handled by the dr-coordinator")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -200,6 +202,68 @@ class TestCopyAndRestore:
         for rel, raw in contents.items():
             assert (target / rel).read_bytes() == raw
             assert (target / rel).stat().st_mtime == (data_dir / rel).stat().st_mtime
+
+    @pytest.mark.parametrize("where", ["disk", "tmpfs"])
+    def test_direct_writes_restore_the_same_bytes(
+        self, repo: Repository, tmp_path: Path, where: str
+    ) -> None:
+        """O_DIRECT for whole 4 KiB blocks, the page cache for an unaligned tail; a file
+        system without O_DIRECT (tmpfs) falls back to buffered writes."""
+        raw = md5_text_sample(5 * CHUNK + 5000)
+        refs = [repo.chunks.put(raw[i : i + CHUNK]) for i in range(0, len(raw), CHUNK)]
+        entry = FileEntry(path="base/1/16384", size=len(raw), mtime=1.0, sha256_of="chunks",
+                          sha256=checksum_of_digests(r.digest for r in refs),
+                          chunks=[r.id for r in refs])
+        small = FileEntry(path="PG_VERSION", size=3, mtime=1.0, sha256_of="chunks",
+                          sha256=checksum_of_digests([repo.chunks.put(b"15\n").digest]),
+                          chunks=[repo.chunks.put(b"15\n").id])
+        if where == "tmpfs":
+            shm = Path("/dev/shm")
+            if not shm.is_dir() or not os.access(shm, os.W_OK):
+                pytest.skip("no writable /dev/shm")
+            root = Path(tempfile.mkdtemp(dir=shm))
+        else:
+            root = tmp_path / "direct"
+            root.mkdir()
+        try:
+            for direct in (True, False):
+                target = root / str(direct)
+                target.mkdir()
+                got = _write_files(repo, target, [entry, small], CHUNK, _Progress(0, None), 2,
+                                   direct=direct)
+                assert got == len(raw) + 3
+                assert (target / entry.path).read_bytes() == raw
+                assert (target / "PG_VERSION").read_bytes() == b"15\n"
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def test_a_file_system_refusing_o_direct_gets_buffered_writes(
+        self, repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import errno
+
+        from emrdr.engine import restore as restore_mod
+
+        real = restore_mod._open_for_write
+        refused: list[Path] = []
+
+        def no_direct(path: Path, extra: int = 0) -> int:
+            if extra & os.O_DIRECT:
+                refused.append(path)
+                raise OSError(errno.EINVAL, "O_DIRECT not supported", str(path))
+            return real(path, extra)
+
+        monkeypatch.setattr(restore_mod, "_open_for_write", no_direct)
+        raw = md5_text_sample(3 * CHUNK)
+        refs = [repo.chunks.put(raw[i : i + CHUNK]) for i in range(0, len(raw), CHUNK)]
+        entry = FileEntry(path="a", size=len(raw), mtime=1.0, sha256_of="chunks",
+                          sha256=checksum_of_digests(r.digest for r in refs),
+                          chunks=[r.id for r in refs])
+        (tmp_path / "t").mkdir()
+        assert _write_files(repo, tmp_path / "t", [entry], CHUNK, _Progress(0, None), 2,
+                            direct=True) == len(raw)
+        assert (tmp_path / "t" / "a").read_bytes() == raw
+        assert len(refused) == 1  # asked once, then buffered for the rest of the file
 
     def test_restore_refuses_a_checksum_mismatch_and_reads_whole_file_checksums(
         self, repo: Repository, tmp_path: Path
