@@ -98,10 +98,12 @@ class EmrdrSide:
 
     def restore(
         self, repo: str, target_dir: Path, *, time: str | None = None, port: int | None = None,
-        workers: int = 2,
+        workers: int = 2, buffered: bool = False,
     ) -> Measured:
         args = ["restore", "--repo", str(self.repo(repo)), "--target-dir", str(target_dir),
                 "--workers", str(workers)]
+        if buffered:
+            args.append("--buffered")
         if time is not None:
             args += ["--time", time, "--start"]
         if port is not None:
@@ -164,7 +166,7 @@ def _child_restore(a: argparse.Namespace) -> dict[str, Any]:
     else:
         newest = repo.backup_ids()[-1]
         result = restore_backup(settings, repo, newest, a.target_dir, workers=a.workers,
-                                port=a.port)
+                                port=a.port, direct_io=False if a.buffered else None)
     out: dict[str, Any] = _jsonable(result)
     return out
 
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--time", default=None, help="PITR target (ISO time with zone); starts it")
     r.add_argument("--start", action="store_true")
     r.add_argument("--port", type=int, default=None)
+    r.add_argument("--buffered", action="store_true", help="no O_DIRECT (see restore_backup)")
     for sp in (b, r):
         sp.add_argument("--home", type=Path, required=True)
         sp.add_argument("--repo", type=Path, required=True)

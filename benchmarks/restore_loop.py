@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default="full-z1")
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--pause", type=float, default=0.0)
+    p.add_argument("--buffered", action="store_true",
+                   help="write through the page cache (the default for a restore is O_DIRECT)")
     a = p.parse_args(argv)
     ds = ensure_dataset(a.workdir, a.scale, a.md5_rows)
     side = EmrdrSide(a.workdir, ds.primary)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             make_dir(target.parent, side.user, 0o755)
             os.sync()
             time.sleep(a.pause)
-            m = side.restore(a.repo, target).check("emrdr restore")
+            m = side.restore(a.repo, target, buffered=a.buffered).check("emrdr restore")
             res = json.loads(m.stdout.strip().splitlines()[-1])
             print(f"run {i + 1}: wall {m.wall_s:.2f} s, engine {res['duration_s']:.2f} s",
                   flush=True)
