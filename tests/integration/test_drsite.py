@@ -132,7 +132,10 @@ async def test_activate_dr_site_after_losing_every_node(site: tuple[Rig, Path]) 
 
     await rig.wait_for(lambda: outcome() is not None, 120, "the DR-site activation")
     final = outcome()
-    assert final is not None and final["type"] == "FailoverCompleted", final
+    assert final is not None and final["type"] == "FailoverCompleted", (
+        f"{final and final['type']} at step {final and final.get('step')}: "
+        f"{final and (final.get('error') or final.get('reason'))}"
+    )
     rto_s = round(time.monotonic() - sent, 2)
     steps = [e for e in rig.events
              if e["type"] == "FailoverStepCompleted" and e.get("correlation_id") == corr]

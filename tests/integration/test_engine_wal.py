@@ -28,11 +28,13 @@ from emrdr.engine.restore import (
     without_replay_settings,
 )
 from emrdr.engine.wal import (
+    IncompleteSegment,
     UploadedSegment,
     WalConflict,
     WalFeeder,
     WalNotFound,
     fetch_wal,
+    is_segment_size,
     spool_dir,
     spool_names,
     upload_spool,
@@ -151,6 +153,35 @@ def test_conflicting_segment_is_kept_aside_and_others_still_go(
     assert kept.read_bytes() == segment_bytes(99) and SEG.format(1) in kept.name
     assert spool_names(spool_dir(settings)) == []
     assert repo.get_wal(SEG.format(1)) == segment_bytes(1)  # the archive is unchanged
+
+
+def test_a_segment_copied_in_place_is_uploaded_only_once_whole(
+    settings: Settings, repo: Repository
+) -> None:
+    """An archive_command like ``cp %p spool/%f`` shows the file while it is being copied:
+    a short segment waits in the spool, and one that stays short is reported, not archived."""
+    spool = spool_dir(settings)
+    spool.mkdir(parents=True, exist_ok=True)
+    name = SEG.format(5)
+    whole = segment_bytes(5)
+    (spool / name).write_bytes(whole[: 3 * (1 << 18) + 4096])  # mid-copy
+    assert upload_spool(settings, repo) == []
+    assert not repo.has_wal(name) and spool_names(spool) == [name]
+    (spool / name).write_bytes(whole)  # the copy finished
+    assert [u.segment for u in upload_spool(settings, repo)] == [name]
+    assert repo.get_wal(name) == whole
+
+    stuck = SEG.format(6)
+    (spool / stuck).write_bytes(segment_bytes(6)[:12345])
+    os.utime(spool / stuck, (time.time() - 3600, time.time() - 3600))
+    push_ok = SEG.format(7)
+    (spool / push_ok).write_bytes(segment_bytes(7))
+    with pytest.raises(IncompleteSegment, match=f"{stuck} holds 12345 bytes"):
+        upload_spool(settings, repo)
+    assert repo.get_wal(push_ok) == segment_bytes(7)  # the others still go
+    assert not repo.has_wal(stuck) and (spool / stuck).exists()
+    assert is_segment_size(16 << 20) and is_segment_size(1 << 30)
+    assert not is_segment_size(3866624) and not is_segment_size(512 << 10)
 
 
 def test_partial_and_backup_history_files_are_archived(

@@ -48,11 +48,13 @@ from emrdr.repo import ObjectExists, ObjectNotFound
 __all__ = [
     "END_MARKER",
     "FEEDER_MARKER",
+    "IncompleteSegment",
     "UploadedSegment",
     "WalConflict",
     "WalFeeder",
     "WalNotFound",
     "fetch_wal",
+    "is_segment_size",
     "spool_dir",
     "spool_names",
     "upload_spool",
@@ -163,10 +165,30 @@ def _keep_aside(spool: Path, name: str) -> Path:
     return target
 
 
-def upload_one(repo: Repository, spool: Path, name: str) -> UploadedSegment | None:
+#: A spooled segment whose size is not a WAL segment size this long after its last change is
+#: reported instead of waited for.
+INCOMPLETE_GRACE_S = 300.0
+
+
+class IncompleteSegment(ValueError):
+    """A spooled WAL segment is not a whole segment (an archive_command that copied it in
+    place, like a plain ``cp``, and failed or is still copying)."""
+
+
+def is_segment_size(size: int) -> bool:
+    """A size PostgreSQL allows for WAL segments: a power of two from 1 MiB to 1 GiB."""
+    return (1 << 20) <= size <= (1 << 30) and size & (size - 1) == 0
+
+
+def upload_one(
+    repo: Repository, spool: Path, name: str, grace_s: float = INCOMPLETE_GRACE_S
+) -> UploadedSegment | None:
     """Seal one spooled file into the repository, then remove it from the spool.
 
-    Returns None if the file vanished meanwhile (another uploader took it); raises
+    Returns None if the file vanished meanwhile (another uploader took it) or is a segment
+    not yet whole (``wal push`` links a file in only once complete, but an archive_command
+    that copies in place shows it early; it is left for a later pass); raises
+    :class:`IncompleteSegment` when such a file stayed short for ``grace_s`` and
     :class:`~emrdr.repo.ObjectExists` when the repository holds different content.
     """
     path = spool / name
@@ -176,6 +198,14 @@ def upload_one(repo: Repository, spool: Path, name: str) -> UploadedSegment | No
         pushed_at = path.stat().st_mtime
     except FileNotFoundError:
         return None
+    if is_segment_name(name) and not is_segment_size(len(data)):
+        if time.time() - pushed_at < grace_s:
+            return None
+        raise IncompleteSegment(
+            f"spooled WAL segment {path} holds {len(data)} bytes, not a whole segment, and has "
+            f"not changed for {grace_s:.0f}s: the archive_command must have failed while "
+            "copying it; archive it again from pg_wal (or remove it) — it was not uploaded"
+        )
     new = False
     if repo.has_wal(name):
         if not _same_as_stored(repo, name, data):
