@@ -37,6 +37,7 @@ from emrdr.engine.wal import (
     is_segment_size,
     spool_dir,
     spool_names,
+    upload_one,
     upload_spool,
 )
 from emrdr.paths import default_home, wal_spool
@@ -176,10 +177,17 @@ def test_a_segment_copied_in_place_is_uploaded_only_once_whole(
     os.utime(spool / stuck, (time.time() - 3600, time.time() - 3600))
     push_ok = SEG.format(7)
     (spool / push_ok).write_bytes(segment_bytes(7))
-    with pytest.raises(IncompleteSegment, match=f"{stuck} holds 12345 bytes"):
+    with pytest.raises(WalConflict, match=f"{stuck}: not a whole segment") as err:
         upload_spool(settings, repo)
-    assert repo.get_wal(push_ok) == segment_bytes(7)  # the others still go
-    assert not repo.has_wal(stuck) and (spool / stuck).exists()
+    assert err.value.incomplete == [stuck] and "different file" not in str(err.value)
+    assert [u.segment for u in err.value.uploaded] == [push_ok]  # the others still go
+    assert repo.get_wal(push_ok) == segment_bytes(7)
+    assert not repo.has_wal(stuck) and spool_names(spool) == []
+    assert err.value.kept[0].read_bytes() == segment_bytes(6)[:12345]  # kept for inspection
+    with pytest.raises(IncompleteSegment, match="holds 12345 bytes"):
+        (spool / stuck).write_bytes(b"x" * 12345)
+        os.utime(spool / stuck, (time.time() - 3600, time.time() - 3600))
+        upload_one(repo, spool, stuck)
     assert is_segment_size(16 << 20) and is_segment_size(1 << 30)
     assert not is_segment_size(3866624) and not is_segment_size(512 << 10)
 

@@ -66,18 +66,30 @@ DEFAULT_PREFETCH = 8
 
 
 class WalConflict(RuntimeError):
-    """A spooled WAL file differs from the one already in the repository under its name."""
+    """Spooled WAL files that could not be archived and were kept aside: one that differs from
+    the repository's file under its name, or a segment that stayed short (``incomplete``)."""
 
-    def __init__(self, segments: list[str], kept: list[Path], uploaded: list[UploadedSegment]):
+    def __init__(self, segments: list[str], kept: list[Path], uploaded: list[UploadedSegment],
+                 incomplete: list[str] | None = None):
         self.segments = segments
         self.kept = kept
         self.uploaded = uploaded
+        self.incomplete = incomplete or []
         where = ", ".join(str(k) for k in kept)
-        super().__init__(
-            f"WAL {', '.join(segments)}: the repository already holds a different file under "
-            f"that name; the spooled copy was kept aside in {where} for inspection "
-            "(two clusters archiving into one repository, or a timeline mix-up?)"
-        )
+        differ = [s for s in segments if s not in self.incomplete]
+        parts = []
+        if differ:
+            parts.append(
+                f"WAL {', '.join(differ)}: the repository already holds a different file under "
+                "that name (two clusters archiving into one repository, or a timeline mix-up?)"
+            )
+        if self.incomplete:
+            parts.append(
+                f"WAL {', '.join(self.incomplete)}: not a whole segment and unchanged for "
+                f"{INCOMPLETE_GRACE_S:.0f}s (an archive_command that failed while copying in "
+                "place; archive it again from pg_wal)"
+            )
+        super().__init__("; ".join(parts) + f"; kept aside in {where} for inspection")
 
 
 class WalNotFound(FileNotFoundError):
@@ -254,13 +266,16 @@ def upload_spool(
     leaves the spool only after its own put returned, so the order of completion does not
     matter for correctness.  ``on_archived`` is called on this thread.  A file that conflicts
     with the repository is moved to ``spool/../wal-conflicts/`` and the others still go;
-    :class:`WalConflict` is raised at the end naming every conflicting file.
+    :class:`WalConflict` is raised at the end naming every conflicting file.  A segment not yet
+    whole stays in the spool for a later pass; one short for ``INCOMPLETE_GRACE_S`` is kept
+    aside and reported the same way.
     """
     spool = spool or spool_dir(settings)
     if not spool.is_dir():
         return []
     uploaded: list[UploadedSegment] = []
     conflicts: list[str] = []
+    incomplete: list[str] = []
     kept: list[Path] = []
     failure: BaseException | None = None
 
@@ -268,7 +283,9 @@ def upload_spool(
         nonlocal failure
         try:
             result = fut.result()
-        except ObjectExists:
+        except (ObjectExists, IncompleteSegment) as exc:
+            if isinstance(exc, IncompleteSegment):
+                incomplete.append(name)
             conflicts.append(name)
             kept.append(_keep_aside(spool, name))
             return
@@ -298,7 +315,7 @@ def upload_spool(
             for fut in done:
                 settle(pending.pop(fut), fut)
     if conflicts:
-        raise WalConflict(conflicts, kept, uploaded)
+        raise WalConflict(conflicts, kept, uploaded, incomplete)
     if failure is not None:
         raise failure
     return uploaded
