@@ -325,22 +325,14 @@ async def test_the_verifier_service_answers_verify_and_integrity_commands(
 ) -> None:
     from emrdr.bus.issue import issue_and_follow
     from emrdr.bus.runtime import Service
-    from emrdr.config import NatsSettings, ServiceSettings
     from emrdr.messages.commands import CheckIntegrity, StartVerification
     from emrdr.messages.events import IntegrityChecked, IntegrityCheckFailed, VerificationPassed
-    from emrdr.security import TrustStore, ensure_identity
     from services.verifier.app import attach
+    from tests.fixtures.inprocess import dba_identity, in_process, service_settings
 
-    settings = world.settings.model_copy(update={
-        "nats": NatsSettings(url=bootstrapped),
-        "service": ServiceSettings(heartbeat_seconds=1.0, retry_backoff_s=0.2),
-    })
-    operator = ensure_identity(settings.keys_dir, "dba.jane", "dba",
-                               TrustStore(settings.keys_dir / "trust"))
-    service = Service("verifier", settings, instance="verifier-test")
-    attach(service)
-    await service.start()
-    try:
+    settings = service_settings(world.settings, bootstrapped)
+    operator = dba_identity(settings)
+    async with in_process("verifier", settings, attach, "verifier-test") as service:
         followed = await issue_and_follow(
             settings, operator, StartVerification(issuer=operator.issuer,
                                                   backup_id=world.b1.backup_id), timeout=120)
@@ -358,8 +350,6 @@ async def test_the_verifier_service_answers_verify_and_integrity_commands(
         ok = await issue_and_follow(settings, operator, CheckIntegrity(
             issuer=operator.issuer, comprehensive=True), timeout=120)
         assert isinstance(ok.final, IntegrityChecked) and ok.final.ok, ok.final
-    finally:
-        await service.stop()
 
     bad_settings, _, root = copy_repo(world, "service-integrity")
     cid, _ = _b1_chunk(world)
