@@ -802,23 +802,21 @@ def _recover_fast(
     ``shared_buffers`` keeps its replay value until the server's next restart (PostgreSQL
     shows it as ``pending_restart``)."""
     def writeback() -> None:
-        with contextlib.suppress(Exception):  # the syncfs of step 4 reports write-back errors
+        with contextlib.suppress(Exception):  # the syncfs of step 5 reports write-back errors
             _syncfs(target_dir)
 
     early = threading.Thread(target=writeback, name="restore-writeback", daemon=True)
     try:
         _start_server(settings, target_dir, user, timeout)
         early.start()  # not before: a running syncfs slows the server's start by a second
-        _wait_paused(settings, target_dir, user, port, timeout, staged)
+        _wait_for(settings, target_dir, user, port, timeout,
+                  "SELECT pg_get_wal_replay_pause_state()", "paused", staged,
+                  every_s=0.05)  # each poll is a psql process: fewer while replay runs
     except BaseException as exc:
         stop_staging.set()
         staging_error = _staging_error(staged)
         if staging_error is not None and staging_error not in str(exc):
-            raise RestoreError(
-                f"{staging_error}; the restored server in {target_dir} could not recover "
-                f"without it\n--- last lines of {_log_file(target_dir)} ---\n"
-                f"{_log_tail(target_dir)}"
-            ) from exc
+            raise _unrecoverable(staging_error, target_dir) from exc
         raise
     phases["paused"] = round(time.monotonic() - t0, 3)
     stop_staging.set()  # WAL past the target is not needed
@@ -840,14 +838,10 @@ def _recover_fast(
         time.sleep(0.02)
     _psql(settings, port, "SELECT pg_promote(false)")
     _nudge_paused_startup(settings, port)
-    if early.is_alive():
-        early.join()
+    early.join()
     _syncfs(target_dir)
     phases["durable"] = round(time.monotonic() - t0, 3)
-    deadline = time.monotonic() + timeout
-    while _psql(settings, port, "SELECT pg_is_in_recovery()") != "f":
-        _recovery_gone(settings, target_dir, user, deadline, timeout)
-        time.sleep(0.02)
+    _wait_for(settings, target_dir, user, port, timeout, "SELECT pg_is_in_recovery()", "f")
     _syncfs(target_dir)  # the end-of-recovery record and what was written meanwhile
     phases["promoted"] = round(time.monotonic() - t0, 3)
     tli = _psql(settings, port, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
@@ -878,9 +872,10 @@ def restore_backup(
     ``recovery`` None recovers to consistency (the end of the backup) and promotes.  With
     ``start`` the server is started, waited for until promoted and left running (stop it with
     :func:`stop_restored`); the staged WAL is then removed.  With ``start`` and
-    ``fast_replay`` recovery runs with :func:`replay_settings` (fsync off), then the server is
-    stopped, the file system synced and the server restarted with its normal settings before
-    this returns; ``EMRDR_RESTORE_FAILED`` stays in the directory until then.
+    ``fast_replay`` recovery runs with :func:`replay_settings` (fsync off) and pauses at the
+    target; fsync is turned back on, the file system synced and only then is the server
+    promoted, without a restart (:func:`_recover_fast`); ``EMRDR_RESTORE_FAILED`` stays in the
+    directory until then.
 
     ``verify_digests`` re-hashes every chunk (SHA-256) against its keyed id and compares each
     file's checksum with the manifest (the restore drill's "files match the manifest").  Off,
@@ -973,15 +968,19 @@ def restore_backup(
         gucs = recovery_settings(manifest, target, staging, port)
         if fast:
             gucs["recovery_target_action"] = "pause"  # promoted by _recover_fast once durable
-        text = previous.rstrip("\n") + ("\n\n" if previous else "") + _render(
+        auto.write_text(previous.rstrip("\n") + ("\n\n" if previous else "") + _render(
             gucs, f"emrdr restore of {backup_id}, target {target.describe()}"
-        )
+        ))
+        (target_dir / "recovery.signal").write_text("")
+        for path in target_dir.rglob("*"):
+            if path.is_dir():
+                path.chmod(0o700)
+        chown_tree(target_dir, user)  # before postgres -C, which reads it as that user
+        target_dir.chmod(0o700)
         if fast:
-            data_bytes = sum(e.size for e in entries)
-            chown_tree(target_dir, user)  # postgres -C reads the configuration as its user
             configured = _configured(settings, user, target_dir, "shared_buffers")
             replay = replay_settings(
-                data_bytes=data_bytes,
+                data_bytes=sum(e.size for e in entries),
                 configured_buffers=pg_size_bytes(configured) if configured else None,
             )
             if "shared_buffers" in replay:
@@ -989,19 +988,14 @@ def restore_backup(
                     f"shared_buffers is {replay['shared_buffers']} (raised for replay from "
                     f"{configured or 'the configured value'}) until the server's next restart"
                 )
-            text += "\n" + _render(replay, REPLAY_HEADER)
-        auto.write_text(text)
-        (target_dir / "recovery.signal").write_text("")
+            with auto.open("a") as fh:
+                fh.write("\n" + _render(replay, REPLAY_HEADER))
 
         # last: see the module docstring
         restored += _write_files(
             repo, target_dir, control, manifest.chunk_size, progress, 1, verify_digests
         )
-        for path in target_dir.rglob("*"):
-            if path.is_dir():
-                path.chmod(0o700)
-        chown_tree(target_dir, user)
-        target_dir.chmod(0o700)
+        chown_tree(target_dir / CONTROL_FILE, user)
         if not fast:
             (target_dir / FAILED_MARKER).unlink()
         result = RestoreResult(
@@ -1113,6 +1107,17 @@ def _log_tail(target_dir: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _log_excerpt(target_dir: Path) -> str:
+    """The restored server's last log lines, headed by the log's path, for an error."""
+    return f"--- last lines of {_log_file(target_dir)} ---\n{_log_tail(target_dir)}"
+
+
+def _unrecoverable(staging_error: str, target_dir: Path) -> RestoreError:
+    """The error of a recovery that stopped because WAL staging failed (it names the file)."""
+    return RestoreError(f"{staging_error}; the restored server in {target_dir} could not "
+                        f"recover without it\n{_log_excerpt(target_dir)}")
+
+
 def _cluster_state(settings: Settings, target_dir: Path) -> str:
     out = subprocess.run(
         [str(settings.pg.bindir / "pg_controldata"), "-D", str(target_dir)],
@@ -1171,7 +1176,7 @@ def _start_server(settings: Settings, target_dir: Path, user: OsUser, timeout: f
         _pg_ctl(settings, user, ["start", "-D", str(target_dir), "-l", str(log), "-w", "-t",
                                  str(int(timeout)), "-s"], timeout + 15)
     except RestoreError as exc:
-        raise RestoreError(f"{exc}\n--- last lines of {log} ---\n{_log_tail(target_dir)}") from exc
+        raise RestoreError(f"{exc}\n{_log_excerpt(target_dir)}") from exc
 
 
 def _recovery_gone(
@@ -1183,22 +1188,14 @@ def _recovery_gone(
     if not _postmaster_alive(target_dir):
         staging_error = _staging_error(staged) if staged is not None and staged.done() else None
         if staging_error is not None:
-            raise RestoreError(
-                f"{staging_error}; the restored server in {target_dir} could not recover "
-                f"without it\n--- last lines of {_log_file(target_dir)} ---\n"
-                f"{_log_tail(target_dir)}"
-            )
-        raise RestoreError(
-            f"the restored server in {target_dir} stopped during recovery\n"
-            f"--- last lines of {_log_file(target_dir)} ---\n{_log_tail(target_dir)}"
-        )
+            raise _unrecoverable(staging_error, target_dir)
+        raise RestoreError(f"the restored server in {target_dir} stopped during recovery\n"
+                           f"{_log_excerpt(target_dir)}")
     if time.monotonic() > deadline:
         with contextlib.suppress(RestoreError):
             stop_restored(settings, target_dir, user, mode="immediate")
-        raise RestoreError(
-            f"recovery in {target_dir} did not finish within {timeout}s\n"
-            f"--- last lines of {_log_file(target_dir)} ---\n{_log_tail(target_dir)}"
-        )
+        raise RestoreError(f"recovery in {target_dir} did not finish within {timeout}s\n"
+                           f"{_log_excerpt(target_dir)}")
 
 
 def _nudge_paused_startup(settings: Settings, port: int) -> None:
@@ -1226,18 +1223,20 @@ def _staging_error(staged: Future[int]) -> str | None:
     return None
 
 
-def _wait_paused(
+def _wait_for(
     settings: Settings, target_dir: Path, user: OsUser, port: int, timeout: float,
-    staged: Future[int],
+    query: str, answer: str, staged: Future[int] | None = None, every_s: float = 0.02,
 ) -> None:
-    """Wait until recovery has paused at its target (``recovery_target_action = pause``)."""
+    """Poll the recovering server every ``every_s`` until ``query`` returns ``answer`` (a failed
+    query is asked again); raises as :func:`_recovery_gone` does if the server dies or
+    ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(RestoreError):
-            if _psql(settings, port, "SELECT pg_get_wal_replay_pause_state()") == "paused":
+            if _psql(settings, port, query) == answer:
                 return
         _recovery_gone(settings, target_dir, user, deadline, timeout, staged)
-        time.sleep(0.05)
+        time.sleep(every_s)
 
 
 def _log_lines(target_dir: Path) -> list[str]:
